@@ -1,0 +1,339 @@
+"""Configuration: one TOML file over a table of declared defaults.
+
+Every option is declared once in `OPTIONS` with its type, default, unit and
+help text. `load_config` merges the operator's file over those defaults and
+validates each value; an invalid value raises `ConfigError` naming the key,
+the value and what is allowed. The README's configuration reference is
+printed from the same table by `quishguard config --reference`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Option:
+    section: str
+    key: str
+    default: Any
+    unit: str
+    help: str
+    check: Callable[[str, Any], Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+def _fail(name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"invalid value for {name}: {value!r}; allowed: {allowed}")
+
+
+def _number(minimum: float, maximum: float | None = None) -> Callable[[str, Any], float]:
+    def check(name: str, value: Any) -> float:
+        allowed = f"a number >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(name, value, allowed)
+        if value < minimum or (maximum is not None and value > maximum):
+            raise _fail(name, value, allowed)
+        return float(value)
+
+    return check
+
+
+def _integer(minimum: int) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise _fail(name, value, f"an integer >= {minimum}")
+        return value
+
+    return check
+
+
+def _optional_number(name: str, value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    return _number(0)(name, value)
+
+
+def _string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _fail(name, value, "a string")
+    return value
+
+
+def _printable_string(name: str, value: Any) -> str:
+    text = _string(name, value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise _fail(name, value, "a string without control characters")
+    return text
+
+
+def _header_prefix(name: str, value: Any) -> str:
+    text = _string(name, value)
+    if not text or not all(33 <= ord(c) <= 126 and c != ":" for c in text):
+        raise _fail(name, value, "a non-empty header name prefix of printable ASCII without ':'")
+    return text
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise _fail(name, value, ", ".join(choices))
+        return value
+
+    return check
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Split `HOST:PORT` or `[IPV6]:PORT`; raise ValueError when malformed."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _host_port(name: str, value: Any) -> str:
+    text = _string(name, value)
+    try:
+        parse_host_port(text)
+    except ValueError:
+        raise _fail(name, value, "HOST:PORT such as 127.0.0.1:10025 or [::1]:10025") from None
+    return text
+
+
+def _optional_host_port(name: str, value: Any) -> str:
+    if value == "":
+        return ""
+    return _host_port(name, value)
+
+
+def _networks(name: str, value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise _fail(name, value, "a list of networks such as [\"127.0.0.0/8\", \"::1/128\"]")
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise _fail(name, item, "an IPv4 or IPv6 network in CIDR form") from None
+    return tuple(networks)
+
+
+def _string_list(name: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(name, value, "a list of strings")
+    return tuple(v.strip().lower() for v in value if v.strip())
+
+
+def _path(name: str, value: Any) -> Path:
+    return Path(_string(name, value))
+
+
+LOOPBACK = ["127.0.0.0/8", "::1/128"]
+
+OPTIONS: tuple[Option, ...] = (
+    Option("smtp", "listen", "127.0.0.1:10025", "HOST:PORT",
+           "Address the SMTP proxy listens on.", _host_port),
+    Option("smtp", "relay", "", "HOST:PORT",
+           "Next hop that receives accepted mail. Empty: `quishguard serve` starts the local "
+           "sink on `sink.listen` and relays there.", _optional_host_port),
+    Option("smtp", "hostname", "", "name",
+           "Name used in the greeting, EHLO and our headers. Empty: the machine's host name "
+           "(no DNS lookup).", _printable_string),
+    Option("smtp", "client_networks", LOOPBACK, "CIDR list",
+           "Clients allowed to connect. Others get 554 at connect time.", _networks),
+    Option("smtp", "max_message_size", 50 * MiB, "bytes",
+           "Largest message accepted, announced with SIZE. Lines longer than the RFC 5321 "
+           "limit are accepted up to this size.", _integer(1024)),
+    Option("smtp", "relay_timeout", 60.0, "seconds",
+           "Timeout of each command sent to the next hop. A timeout gives the client 451.",
+           _number(1)),
+    Option("smtp", "session_timeout", 300.0, "seconds",
+           "Idle time after which an inbound session is closed.", _number(1)),
+    Option("scan", "budget_seconds", 15.0, "seconds",
+           "Time allowed to inspect one message. When it runs out the message gets a "
+           "SCAN_INCOMPLETE finding and the fail mode applies.", _number(0.1)),
+    Option("scan", "fail_mode", "accept", "accept|tempfail",
+           "What an incomplete scan does: accept (with the finding) or tempfail (451).",
+           _choice("accept", "tempfail")),
+    Option("scan", "workers", 0, "processes",
+           "Decoder worker processes. 0: one per CPU core.", _integer(0)),
+    Option("scan", "max_mime_depth", 10, "levels",
+           "Deepest nesting of multipart and message/rfc822 parts inspected.", _integer(1)),
+    Option("scan", "max_parts", 200, "parts",
+           "Most MIME parts inspected per message.", _integer(1)),
+    Option("scan", "max_decoded_bytes", 100 * MiB, "bytes",
+           "Most bytes decoded from transfer encodings per message.", _integer(1024)),
+    Option("scan", "max_images", 50, "images",
+           "Most images decoded per message (attachments, inline parts and data: URIs).",
+           _integer(1)),
+    Option("scan", "max_image_pixels", 40_000_000, "pixels",
+           "Largest image decoded. Larger images are a SCAN_LIMIT finding, not decoded.",
+           _integer(10_000)),
+    Option("scan", "max_pdf_pages", 20, "pages",
+           "Most PDF pages rendered per PDF.", _integer(1)),
+    Option("scan", "pdf_dpi", 150, "dpi",
+           "Resolution of PDF page renders, lowered per page to stay under "
+           "max_image_pixels.", _integer(36)),
+    Option("scan", "max_urls", 500, "URLs",
+           "Most URLs kept per message.", _integer(1)),
+    Option("scan", "open_redirectors", [], "list",
+           "Extra open-redirector patterns, as `host/path-prefix` (for example "
+           "`redirect.example.com/out`), added to the built-in list.", _string_list),
+    Option("headers", "prefix", "X-Quishguard-", "text",
+           "Prefix of the verdict headers. Incoming headers with this prefix are removed.",
+           _header_prefix),
+    Option("headers", "subject_tag", "[SUSPICIOUS] ", "text",
+           "Prefix added to the Subject for the tag action. May be empty.", _printable_string),
+    Option("thresholds", "tag", 4.0, "score",
+           "Score from which a message is tagged.", _number(0)),
+    Option("thresholds", "quarantine", 8.0, "score",
+           "Score from which a message is quarantined.", _number(0)),
+    Option("thresholds", "reject", None, "score",
+           "Score from which a message is rejected with 550. Absent: never reject.",
+           _optional_number),
+    Option("org", "domains", [], "list",
+           "The organisation's own mail domains. Mail that claims one of them in From but "
+           "arrives from outside without trusted DMARC pass is the Direct Send pattern.",
+           _string_list),
+    Option("org", "trusted_networks", LOOPBACK, "CIDR list",
+           "The organisation's own MTAs. XFORWARD is announced to them, and the Received walk "
+           "skips hops inside them.", _networks),
+    Option("org", "authserv_ids", [], "list",
+           "authserv-ids of Authentication-Results headers that we believe when a trusted "
+           "hop added them.", _string_list),
+    Option("quarantine", "data_dir", "./var/quishguard", "path",
+           "Folder of the quarantine index, stored messages and the local sink, relative to "
+           "the working directory.", _path),
+    Option("sink", "listen", "127.0.0.1:10026", "HOST:PORT",
+           "Address of the local sink that `quishguard sink` (and `serve` without a relay) "
+           "runs.", _host_port),
+)
+
+_BY_NAME = {o.name: o for o in OPTIONS}
+_SECTIONS = {o.section for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings; `values` maps `section.key` to the checked value."""
+
+    values: dict[str, Any]
+    rule_scores: dict[str, float] = field(default_factory=dict)
+    source: str = "defaults"
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    @property
+    def hostname(self) -> str:
+        return self.values["smtp.hostname"] or socket.gethostname()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.values["quarantine.data_dir"]
+
+    @property
+    def workers(self) -> int:
+        return self.values["scan.workers"] or (os.cpu_count() or 1)
+
+    def replace(self, **overrides: Any) -> Config:
+        """Return a copy with `section.key` values (given as `section_key=`) checked and set."""
+        values = dict(self.values)
+        for underscored, value in overrides.items():
+            section, _, key = underscored.partition("_")
+            option = _BY_NAME[f"{section}.{key}"]
+            values[option.name] = option.check(option.name, value)
+        return Config(values, dict(self.rule_scores), self.source)
+
+
+def _check_rules(table: Any, known_rules: set[str] | None) -> dict[str, float]:
+    if not isinstance(table, dict):
+        raise _fail("rules", table, "a table of [rules.NAME] sections")
+    scores = {}
+    for rule, settings in table.items():
+        if known_rules is not None and rule not in known_rules:
+            raise ConfigError(f"unknown rule [rules.{rule}]; known rules: {', '.join(sorted(known_rules))}")
+        if not isinstance(settings, dict) or set(settings) - {"score"}:
+            raise _fail(f"rules.{rule}", settings, "a table with one key, score")
+        if "score" in settings:
+            scores[rule] = _number(-100, 100)(f"rules.{rule}.score", settings["score"])
+    return scores
+
+
+def build_config(data: dict[str, Any], source: str = "defaults",
+                 known_rules: set[str] | None = None) -> Config:
+    """Validate parsed TOML `data` over the defaults."""
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        values[option.name] = option.check(option.name, option.default)
+
+    rule_scores: dict[str, float] = {}
+    for section, table in data.items():
+        if section == "rules":
+            rule_scores = _check_rules(table, known_rules)
+            continue
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section [{section}] in {source}; known sections: "
+                              f"{', '.join(sorted(_SECTIONS | {'rules'}))}")
+        if not isinstance(table, dict):
+            raise _fail(section, table, "a table")
+        for key, value in table.items():
+            option = _BY_NAME.get(f"{section}.{key}")
+            if option is None:
+                known = ", ".join(o.key for o in OPTIONS if o.section == section)
+                raise ConfigError(f"unknown key {section}.{key} in {source}; known keys: {known}")
+            values[option.name] = option.check(option.name, value)
+
+    if values["thresholds.quarantine"] < values["thresholds.tag"]:
+        raise ConfigError(f"thresholds.quarantine ({values['thresholds.quarantine']}) must not be "
+                          f"below thresholds.tag ({values['thresholds.tag']})")
+    reject = values["thresholds.reject"]
+    if reject is not None and reject < values["thresholds.quarantine"]:
+        raise ConfigError(f"thresholds.reject ({reject}) must not be below "
+                          f"thresholds.quarantine ({values['thresholds.quarantine']})")
+    return Config(values, rule_scores, source)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load and validate a TOML file, or return the defaults when `path` is None."""
+    from .scoring.rules import RULES
+
+    known = {rule.name for rule in RULES}
+    if path is None:
+        return build_config({}, known_rules=known)
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"invalid TOML in config file {path}: {error}") from error
+    return build_config(data, str(path), known_rules=known)
+
+
+def reference_markdown() -> str:
+    """Return the configuration reference as a Markdown table."""
+    lines = ["| key | default | unit | meaning |", "| --- | --- | --- | --- |"]
+    for option in OPTIONS:
+        default = "(absent)" if option.default is None else repr(option.default)
+        default = default.replace("'", '"').replace("|", "\\|")
+        lines.append(f"| `{option.name}` | `{default}` | {option.unit.replace('|', ' or ')} | {option.help} |")
+    lines.append("| `rules.NAME.score` | the rule's default | score | "
+                 "Weight of rule NAME; 0 disables it. `quishguard rules` lists the rules. |")
+    return "\n".join(lines)
