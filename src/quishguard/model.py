@@ -64,7 +64,8 @@ class DecodeTask:
     """CPU-heavy work for a decoder worker process: one image or one PDF.
 
     `kind` names an entry of `decoders.TASKS`; `hidden_as` is passed on to
-    every QR code found (see `QrCode`).
+    every QR code found (see `QrCode`). `passwords` are candidates quoted in
+    the message text, tried on an encrypted PDF after the empty password.
     """
 
     kind: str
@@ -72,6 +73,7 @@ class DecodeTask:
     location: str
     hidden_as: str
     filename: str | None = None
+    passwords: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,366 @@
-"""Placeholder: the rule table is being written."""
+"""The rule table and the checks that turn message facts into named rule hits.
+
+Rules are named like rspamd symbols: UPPER_SNAKE with a family prefix (QR_,
+URL_, PDF_, HTML_, CAPTCHA_, REDIRECT_, SENDER_, MIME_, SCAN_, COMBO_).
+`RULES` is the one place a rule is declared with its default score;
+`config.load_config` validates `[rules.NAME]` against it.
+
+A check is a plain function `(facts, envelope, config)` that yields
+`(rule name, evidence)` pairs. One check may yield several rules, and the
+same rule several times, which `verdict.evaluate` merges into one finding.
+`CHECKS` lists the checks in the order they run. `COMBOS` are composite
+rules over the rules that fired, applied after the checks, because a
+combination of signals is stronger evidence than the sum of its parts.
+"""
+
+from __future__ import annotations
+
+import logging
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from ..config import Config
+from ..model import Envelope, HtmlFacts, MessageFacts, QrCode
+from .urls import find_embedded_recipients, find_open_redirect, find_storage_page, payload_kind, qr_url
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Rule:
+    """A named rule: its default score, a one-line description and its family."""
+
     name: str
     score: float
     description: str
+    family: str
 
 
-RULES: tuple[Rule, ...] = ()
+@dataclass(frozen=True)
+class Combo:
+    """A composite rule that fires when, for each set in `requires`, one of its rules fired."""
+
+    name: str
+    requires: tuple[frozenset[str], ...]
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("QR_URL", 3.0, "A QR code decodes to a web URL.", "QR"),
+    Rule("QR_NON_URL", 0.1, "A QR code holds no URL (payment, ticket, contact, Wi-Fi, text).", "QR"),
+    Rule("QR_IN_PDF", 2.5, "A QR code with a URL is drawn inside a PDF.", "QR"),
+    Rule("QR_IMAGE_ONLY_BODY", 2.0, "A QR code with a URL in a body that is images with hardly any text.", "QR"),
+    Rule("QR_UNUSUAL_CARRIER", 2.0,
+         "A QR code with a URL is drawn with HTML or text, split, in SVG, a data: URI, "
+         "CSS, an archive, an Office file or a nested message.", "QR"),
+    Rule("QR_RECIPIENT_EMBEDDED", 3.0, "A QR code URL embeds a recipient address (plain, percent-encoded or base64).",
+         "QR"),
+    Rule("URL_RECIPIENT_EMBEDDED", 2.0,
+         "A link embeds a recipient address in base64, or plainly in its path or fragment.", "URL"),
+    Rule("URL_STORAGE_HTML", 2.0,
+         "A link or QR URL opens an HTML page on public cloud object storage or an IPFS gateway.", "URL"),
+    Rule("URL_OPEN_REDIRECT", 4.0, "A link or QR URL goes through a known open redirector to another site.", "URL"),
+    Rule("HTML_ATTACHMENT", 2.0, "The message carries an HTML attachment.", "HTML"),
+    Rule("HTML_ATTACHMENT_SCRIPT", 2.0, "An HTML attachment contains script, which runs when the file is opened.",
+         "HTML"),
+    Rule("HTML_FORM_OFFSITE", 3.0, "An HTML attachment has a form that submits to another site.", "HTML"),
+    Rule("HTML_JS_ATOB", 2.0, "HTML script decodes base64 with atob(), typical of hidden redirects.", "HTML"),
+    Rule("CAPTCHA_GATE", 2.5, "HTML carries CAPTCHA markers (Turnstile, reCAPTCHA, hCaptcha) that hide a lure "
+         "from scanners.", "CAPTCHA"),
+    Rule("CAPTCHA_IN_ATTACHMENT", 2.5, "The CAPTCHA gate sits in an HTML attachment.", "CAPTCHA"),
+    # Mail clients run neither scripts nor meta refresh, so a legitimate
+    # sender gains nothing from them. They act only when the HTML is opened
+    # in a browser, as saved attachments are. A script redirect weighs more
+    # because it takes deliberate code, while a refresh tag can be left over
+    # from a web page template.
+    Rule("REDIRECT_META_REFRESH", 3.0, "HTML redirects with a meta refresh.", "REDIRECT"),
+    Rule("REDIRECT_JS_LOCATION", 4.0, "HTML script sets window.location or an equivalent.", "REDIRECT"),
+    Rule("PDF_ENCRYPTED", 1.0, "A PDF is encrypted, so its content could not be inspected.", "PDF"),
+    Rule("PDF_JAVASCRIPT", 2.0, "A PDF contains JavaScript.", "PDF"),
+    Rule("SENDER_DIRECT_SEND", 4.0,
+         "From claims an organisation domain, but the mail came from outside without trusted DMARC pass.",
+         "SENDER"),
+    Rule("MIME_LIMIT", 1.0, "A configured scan limit (depth, parts, bytes, pixels, pages) cut the inspection short.",
+         "MIME"),
+    Rule("SCAN_INCOMPLETE", 0.5, "A part could not be inspected (time budget, decoder error).", "SCAN"),
+    Rule("SCAN_RULE_FAILED", 0.5, "A rule check crashed, so the verdict may miss evidence.", "SCAN"),
+    Rule("COMBO_QR_DIRECT_SEND", 3.0, "A QR code URL in a Direct Send spoof.", "COMBO"),
+    Rule("COMBO_CAPTCHA_REDIRECT", 3.0, "A CAPTCHA gate together with a redirect.", "COMBO"),
+    Rule("COMBO_HTML_ATTACHMENT_ACTIVE", 3.0,
+         "An HTML attachment together with a redirect, CAPTCHA, atob() or off-site form.", "COMBO"),
+    Rule("COMBO_DIRECT_SEND_LURE", 2.0,
+         "A Direct Send spoof with an HTML attachment, an open redirect or an embedded recipient.", "COMBO"),
+)
+
+RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES}
+
+_REDIRECTS = frozenset({"REDIRECT_META_REFRESH", "REDIRECT_JS_LOCATION", "HTML_JS_ATOB", "URL_OPEN_REDIRECT"})
+
+COMBOS: tuple[Combo, ...] = (
+    Combo("COMBO_QR_DIRECT_SEND", (frozenset({"QR_URL"}), frozenset({"SENDER_DIRECT_SEND"}))),
+    Combo("COMBO_CAPTCHA_REDIRECT", (frozenset({"CAPTCHA_GATE"}), _REDIRECTS)),
+    Combo("COMBO_HTML_ATTACHMENT_ACTIVE", (
+        frozenset({"HTML_ATTACHMENT"}),
+        frozenset({"REDIRECT_META_REFRESH", "REDIRECT_JS_LOCATION", "HTML_JS_ATOB", "CAPTCHA_GATE",
+                   "HTML_FORM_OFFSITE"}),
+    )),
+    Combo("COMBO_DIRECT_SEND_LURE", (
+        frozenset({"SENDER_DIRECT_SEND"}),
+        frozenset({"HTML_ATTACHMENT", "URL_OPEN_REDIRECT", "URL_RECIPIENT_EMBEDDED"}),
+    )),
+)
+
+Hit = tuple[str, str]
+Check = Callable[[MessageFacts, Envelope, Config], Iterable[Hit]]
+
+_EVIDENCE_CHARS = 200
+
+
+def clip(text: str, limit: int = _EVIDENCE_CHARS) -> str:
+    """Return `text` on one line with control characters escaped, cut to `limit` characters.
+
+    Evidence ends up in log lines and mail headers, so it must not carry
+    line breaks or other control characters from the message.
+    """
+    cleaned = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(cleaned) > limit:
+        return cleaned[: limit - 1] + "…"
+    return cleaned
+
+
+def _where(location: str, filename: str | None) -> str:
+    return f"{location} ({clip(filename, 80)})" if filename else location
+
+
+# Fewer visible characters than this, next to an image, make an "image-only"
+# body: the lure text is in the picture so that text filters see nothing.
+IMAGE_ONLY_TEXT_CHARS = 200
+
+# Places where a QR code is drawn to dodge image scanners or hidden inside
+# another container. Inline images, image attachments and PDFs are the
+# ordinary carriers and have their own rules.
+_UNUSUAL_CARRIERS = frozenset({
+    "data-uri", "css-background", "svg", "html-grid", "text-blocks", "split", "archive", "office",
+    "nested-message", "generator-url",
+})
+
+
+def _qr_evidence(code: QrCode, text: str) -> str:
+    return f"{code.location} [{code.hidden_as}]: {clip(text)}"
+
+
+def check_qr_codes(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
+    """QR payloads: URL or not, and where a URL code was hidden.
+
+    The location rules weigh only URL payloads, so that payment codes in PDF
+    invoices and ticket codes in image mails stay clean.
+    """
+    image_only = facts.body_text_chars < IMAGE_ONLY_TEXT_CHARS and facts.image_count > 0
+
+    for code in facts.qr_codes:
+        url = qr_url(code.payload)
+        if url is None:
+            yield "QR_NON_URL", _qr_evidence(code, f"{payload_kind(code.payload)}: {code.payload}")
+            continue
+
+        yield "QR_URL", _qr_evidence(code, url)
+
+        if code.in_pdf:
+            yield "QR_IN_PDF", _qr_evidence(code, url)
+        elif image_only:
+            yield "QR_IMAGE_ONLY_BODY", f"{_qr_evidence(code, url)}; {facts.body_text_chars} text characters"
+
+        if code.hidden_as in _UNUSUAL_CARRIERS:
+            yield "QR_UNUSUAL_CARRIER", _qr_evidence(code, url)
+
+        # Any embedding counts here, even a plain ?email=: unlike newsletter
+        # links, QR codes in legitimate mail rarely carry the reader's address.
+        for embedding in find_embedded_recipients(url, envelope.rcpt_tos):
+            yield "QR_RECIPIENT_EMBEDDED", (
+                f"{code.location}: {embedding.address} {embedding.encoding} in the {embedding.component}"
+            )
+
+
+def check_link_recipients(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
+    """Links that carry a recipient address, as credential-harvest pages use to prefill the login."""
+    for link in facts.links:
+        # mailto: links name addresses by design, often the reader's own.
+        if not link.url.lower().startswith(("http://", "https://")):
+            continue
+        for embedding in find_embedded_recipients(link.url, envelope.rcpt_tos):
+            # Narrowed: newsletters put the reader's address plainly in the
+            # query of unsubscribe and tracking links, so a plain or
+            # percent-encoded address in the query does not count. Phishing
+            # kits prefer the fragment (never sent to the server) or base64.
+            if embedding.component == "query" and embedding.encoding != "base64":
+                continue
+            yield "URL_RECIPIENT_EMBEDDED", (
+                f"{link.location} [{link.source}]: {embedding.address} {embedding.encoding} "
+                f"in the {embedding.component} of {clip(link.url)}"
+            )
+
+
+def _candidate_urls(facts: MessageFacts) -> list[tuple[str, str]]:
+    """Return (URL, where) for every link and every QR code URL."""
+    candidates = [(link.url, f"{link.location} [{link.source}]") for link in facts.links]
+    for code in facts.qr_codes:
+        url = qr_url(code.payload)
+        if url:
+            candidates.append((url, f"{code.location} [QR code]"))
+    return candidates
+
+
+def check_open_redirects(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
+    """Links and QR URLs that go through a known open redirector."""
+    extra = config["scan.open_redirectors"]
+    for url, where in _candidate_urls(facts):
+        match = find_open_redirect(url, extra)
+        if match is None:
+            continue
+        target = f" to {clip(match.target, 120)}" if match.target else ""
+        yield "URL_OPEN_REDIRECT", f"{where}: {match.service}{target}"
+
+
+def check_storage_pages(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
+    """Links and QR URLs to HTML pages on public object storage or IPFS.
+
+    Anyone can upload a page there and get a URL on a reputable domain, so
+    credential-harvest pages are often hosted this way.
+    """
+    for url, where in _candidate_urls(facts):
+        service = find_storage_page(url)
+        if service:
+            yield "URL_STORAGE_HTML", f"{where}: {service}: {clip(url)}"
+
+
+def _html_where(html: HtmlFacts) -> str:
+    return _where(html.location, html.filename)
+
+
+_HTML_EXTENSIONS = (".htm", ".html", ".shtml", ".xhtml")
+
+
+def _is_html_file(html: HtmlFacts) -> bool:
+    # Narrowed to named files: the decoder marks the HTML body of a forwarded
+    # or bounced message (message/rfc822) as an attachment too, but such a
+    # body has no file name and is shown inline. A lure is a file the reader
+    # opens in a browser, where its script runs.
+    return html.is_attachment and bool(html.filename)
+
+
+def _is_html_attachment_part(content_type: str, filename: str | None) -> bool:
+    if not filename:
+        return False
+    return content_type.lower() in ("text/html", "application/xhtml+xml") or filename.lower().endswith(
+        _HTML_EXTENSIONS
+    )
+
+
+def check_html(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
+    """HTML parts and attachments: redirects, atob(), CAPTCHA gates and off-site forms."""
+    attachments = set()
+    for html in facts.html:
+        where = _html_where(html)
+        if _is_html_file(html):
+            attachments.add(html.location)
+            yield "HTML_ATTACHMENT", where
+            if html.has_script:
+                yield "HTML_ATTACHMENT_SCRIPT", where
+
+        for target in html.meta_refresh:
+            yield "REDIRECT_META_REFRESH", f"{where}: {clip(target)}"
+        for target in html.js_redirects:
+            yield "REDIRECT_JS_LOCATION", f"{where}: {clip(target)}"
+        if html.uses_atob:
+            yield "HTML_JS_ATOB", where
+
+        if html.captcha_markers:
+            markers = ", ".join(html.captcha_markers)
+            yield "CAPTCHA_GATE", f"{where}: {clip(markers)}"
+            if _is_html_file(html):
+                yield "CAPTCHA_IN_ATTACHMENT", where
+
+        # Narrowed to attachments, because newsletters carry search and
+        # survey forms that post to the sender's site. A form in a local HTML
+        # file that posts elsewhere is how attachment phishing collects passwords.
+        if _is_html_file(html):
+            for action in html.offsite_forms:
+                yield "HTML_FORM_OFFSITE", f"{where}: form posts to {clip(action)}"
+
+    # An HTML attachment the analyser did not report (for example cut by a
+    # limit) still counts, found by its content type or file name.
+    for part in facts.parts:
+        if part.is_attachment and part.location not in attachments and _is_html_attachment_part(
+            part.content_type, part.filename
+        ):
+            yield "HTML_ATTACHMENT", _where(part.location, part.filename)
+
+
+def check_pdfs(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
+    """PDF properties that hide content from the scanner or run code."""
+    for pdf in facts.pdfs:
+        where = _where(pdf.location, pdf.filename)
+        if pdf.encrypted:
+            yield "PDF_ENCRYPTED", where
+        if pdf.has_javascript:
+            yield "PDF_JAVASCRIPT", where
+
+
+# Sources of `SenderFacts.original_ip` that mean the first hop outside the
+# trusted networks was found; other sources carry no outside address.
+_OUTSIDE_IP_SOURCES = frozenset({"received", "client", "xforward"})
+
+
+def _in_org(domain: str, org_domains: Iterable[str]) -> bool:
+    return any(domain == org or domain.endswith("." + org) for org in org_domains)
+
+
+def check_sender(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
+    """The Direct Send pattern: an organisation From address sent from outside.
+
+    Microsoft 365 Direct Send and open relays let anyone deliver mail with
+    the organisation's own From address. Genuine internal mail either stays
+    inside the trusted networks or carries a DMARC pass from a trusted hop.
+    """
+    sender = facts.sender
+    org_domains = config["org.domains"]
+    if sender is None or not sender.from_domain or not org_domains:
+        return
+
+    domain = sender.from_domain.lower().rstrip(".")
+    if not _in_org(domain, org_domains):
+        return
+    if sender.original_ip is None or sender.ip_source not in _OUTSIDE_IP_SOURCES:
+        return
+    if sender.trusted_dmarc_pass:
+        return
+
+    yield "SENDER_DIRECT_SEND", (
+        f"From {clip(sender.from_address or domain, 120)} via {sender.original_ip} "
+        f"({sender.ip_source}), no trusted DMARC pass"
+    )
+
+
+def check_scan_problems(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
+    """Report the parts the decoders could not inspect fully."""
+    for problem in facts.problems:
+        evidence = f"{problem.location}: {clip(problem.reason)}"
+        if problem.kind == "limit":
+            yield "MIME_LIMIT", evidence
+        elif problem.kind == "incomplete":
+            yield "SCAN_INCOMPLETE", evidence
+        else:
+            logger.warning("unknown scan problem kind %r at %s, reported as incomplete",
+                           problem.kind, problem.location)
+            yield "SCAN_INCOMPLETE", evidence
+
+
+CHECKS: tuple[Check, ...] = (
+    check_qr_codes,
+    check_link_recipients,
+    check_open_redirects,
+    check_storage_pages,
+    check_html,
+    check_pdfs,
+    check_sender,
+    check_scan_problems,
+)

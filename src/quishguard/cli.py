@@ -1,0 +1,282 @@
+"""Command-line interface: parses arguments, builds the config and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import Config, load_config, parse_host_port, reference_markdown
+from .errors import ConfigError, QuarantineError, RelayError
+
+log = logging.getLogger("quishguard")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INPUT = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file (default: built-in defaults)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="folder of the quarantine and the local sink (overrides quarantine.data_dir)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="log verbosity on stderr (default: info)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quishguard", description=__doc__.splitlines()[0]
+                                     if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"quishguard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the SMTP filter hop")
+    _common(serve)
+    serve.add_argument("--listen", metavar="HOST:PORT", help="listen address (overrides smtp.listen)")
+    serve.add_argument("--relay", metavar="HOST:PORT", help="next hop (overrides smtp.relay)")
+
+    scan = commands.add_parser("scan", help="scan .eml files or folders and print verdicts")
+    _common(scan)
+    scan.add_argument("--format", choices=["text", "json"], default="text",
+                      help="text: one line per message; json: JSON Lines with findings, QR codes and URLs")
+    scan.add_argument("paths", nargs="+", metavar="PATH", help=".eml file or folder (every *.eml below)")
+
+    quarantine = commands.add_parser("quarantine", help="list, show, release or delete quarantined mail")
+    _common(quarantine)
+    quarantine.add_argument("--relay", metavar="HOST:PORT", help="next hop for release (overrides smtp.relay)")
+    actions = quarantine.add_subparsers(dest="quarantine_command", required=True)
+    listing = actions.add_parser("list", help="one line per held message")
+    listing.add_argument("--all", action="store_true", help="include released messages")
+    for name, text in (("show", "print the verdict and findings"),
+                       ("release", "relay the message to the next hop and mark it released"),
+                       ("delete", "delete the message")):
+        sub = actions.add_parser(name, help=text)
+        sub.add_argument("id", help="quarantine id from `quishguard quarantine list`")
+
+    sink = commands.add_parser("sink", help="run the local sink that stores received mail as files")
+    _common(sink)
+    sink.add_argument("--listen", metavar="HOST:PORT", help="listen address (overrides sink.listen)")
+
+    commands.add_parser("rules", help="list the rules with their default scores")
+
+    config = commands.add_parser("config", help="check a config file or print the reference")
+    config.add_argument("--config", metavar="FILE", help="TOML file to check")
+    config.add_argument("--reference", action="store_true", help="print every key as a Markdown table")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(getattr(args, "config", None))
+    overrides = {}
+    if getattr(args, "data_dir", None):
+        overrides["quarantine_data_dir"] = args.data_dir
+    if getattr(args, "listen", None):
+        overrides["sink_listen" if args.command == "sink" else "smtp_listen"] = args.listen
+    if getattr(args, "relay", None):
+        overrides["smtp_relay"] = args.relay
+    return config.replace(**overrides) if overrides else config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "log_level", "info"))
+    try:
+        if args.command == "rules":
+            return _rules()
+        config = _load(args)
+        if args.command == "config":
+            print(reference_markdown() if args.reference else f"{config.source}: valid")
+            return EXIT_OK
+        if args.command == "serve":
+            return asyncio.run(_serve(config))
+        if args.command == "sink":
+            return asyncio.run(_sink(config))
+        if args.command == "scan":
+            return asyncio.run(_scan(config, [Path(p) for p in args.paths], args.format))
+        if args.command == "quarantine":
+            return _quarantine(config, args)
+    except ConfigError as error:
+        print(f"quishguard: {error}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    return EXIT_FAILURE
+
+
+def _rules() -> int:
+    from .scoring.rules import RULES
+
+    for rule in RULES:
+        print(f"{rule.name:32} {rule.score:5.1f}  {rule.description}")
+    return EXIT_OK
+
+
+async def _wait_for_stop() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
+async def _serve(config: Config) -> int:
+    from .milter.smtp import start_server
+    from .pipeline import Scanner
+    from .quarantine import QuarantineStore
+    from .sink import start_sink
+
+    store = QuarantineStore(config.data_dir)
+    servers = []
+    relay = config["smtp.relay"]
+    if not relay:
+        sink_host, sink_port = parse_host_port(config["sink.listen"])
+        servers.append(await start_sink(config.data_dir / "sink", sink_host, sink_port,
+                                        config.hostname, config["smtp.max_message_size"]))
+        relay = config["sink.listen"]
+        log.info("event=no_next_hop_configured using=local_sink folder=%s", config.data_dir / "sink")
+
+    scanner = Scanner(config)
+    await scanner.start()
+    try:
+        servers.append(await start_server(config, scanner, store, parse_host_port(relay),
+                                          parse_host_port(config["smtp.listen"])))
+        log.info("event=started version=%s config=%s data_dir=%s", __version__, config.source,
+                 config.data_dir)
+        await _wait_for_stop()
+        log.info("event=stopping")
+    finally:
+        for server in servers:
+            server.close()
+        await scanner.close()
+    return EXIT_OK
+
+
+async def _sink(config: Config) -> int:
+    from .sink import start_sink
+
+    host, port = parse_host_port(config["sink.listen"])
+    server = await start_sink(config.data_dir / "sink", host, port, config.hostname,
+                              config["smtp.max_message_size"])
+    await _wait_for_stop()
+    server.close()
+    return EXIT_OK
+
+
+def scan_record(path: Path, result) -> dict:
+    verdict = result.verdict
+    return {
+        "path": str(path),
+        "score": round(verdict.score, 1),
+        "action": verdict.action.label,
+        "findings": [{"rule": f.rule, "score": f.score, "detail": f.detail} for f in verdict.findings],
+        "qr": [{"payload": q.payload, "location": q.location, "hidden_as": q.hidden_as}
+               for q in verdict.qr_codes],
+        "urls": list(verdict.urls),
+        "seconds": round(result.seconds, 3),
+    }
+
+
+async def _scan(config: Config, paths: list[Path], output_format: str) -> int:
+    from .pipeline import scan_files, scan_paths
+
+    files, errors = scan_paths(paths)
+    for path, reason in errors:
+        print(f"quishguard: cannot scan {path}: {reason}", file=sys.stderr)
+
+    async for path, result in scan_files(files, config):
+        if isinstance(result, str):
+            errors.append((path, result))
+            print(f"quishguard: {result}", file=sys.stderr)
+            continue
+        if output_format == "json":
+            print(json.dumps(scan_record(path, result), ensure_ascii=False, separators=(",", ":")))
+        else:
+            rules = ", ".join(f"{f.rule}={f.score:.1f}" for f in result.verdict.findings) or "-"
+            print(f"{path}\t{result.verdict.score:.1f}\t{result.verdict.action.label}\t{rules}")
+        sys.stdout.flush()
+    return EXIT_INPUT if errors else EXIT_OK
+
+
+def _quarantine(config: Config, args: argparse.Namespace) -> int:
+    from .quarantine import QuarantineStore, sanitize_for_terminal as printable
+    from .stamp import defang
+
+    store = QuarantineStore(config.data_dir)
+    command = args.quarantine_command
+    try:
+        if command == "list":
+            for item in store.list(status=None if args.all else "held"):
+                print("\t".join([item.id, item.received_at.isoformat(timespec="seconds"),
+                                 f"{item.score:.1f}", item.action.label,
+                                 ",".join(item.top_rules) or "-", printable(item.from_header),
+                                 printable(item.subject), item.status]))
+            return EXIT_OK
+        if command == "show":
+            item = store.get(args.id)
+            print(f"id:         {item.id}\nreceived:   {item.received_at.isoformat(timespec='seconds')}\n"
+                  f"status:     {item.status}\n"
+                  f"score:      {item.score:.1f}\naction:     {item.action.label}\n"
+                  f"from:       {printable(item.from_header)}\nsubject:    {printable(item.subject)}\n"
+                  f"envelope:   <{printable(item.mail_from)}> -> "
+                  f"{', '.join('<' + printable(r) + '>' for r in item.rcpt_tos)}\nfindings:")
+            for finding in item.findings:
+                print(f"  {finding.rule}={finding.score:.1f}  {printable(finding.detail)}")
+            for code in item.qr_codes:
+                print(f"  qr: {printable(defang(code.payload))}  at {printable(code.location)}")
+            return EXIT_OK
+        if command == "delete":
+            store.delete(args.id)
+            print(f"deleted {args.id}")
+            return EXIT_OK
+        if command == "release":
+            reply = asyncio.run(release(store, args.id, config))
+            print(f"released {args.id}: next hop replied {reply}")
+            return EXIT_OK
+    except QuarantineError as error:
+        print(f"quishguard: {error}", file=sys.stderr)
+        return EXIT_INPUT
+    except RelayError as error:
+        print(f"quishguard: release of {args.id} failed, the next hop replied {error.reply}; "
+              "the message stays in quarantine", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_FAILURE
+
+
+async def release(store, quarantine_id: str, config: Config) -> str:
+    """Relay a held message to the next hop with the verdict and Released headers, then mark it released."""
+    from .milter.relay import relay_message
+    from .stamp import verdict_headers, edit_message
+
+    item = store.get(quarantine_id)
+    if item.status != "held":
+        raise QuarantineError(f"quarantine id {quarantine_id} is {item.status}, not held; "
+                              "only held messages can be released")
+    raw = store.read_raw(quarantine_id)
+    relay = config["smtp.relay"] or config["sink.listen"]
+    host, port = parse_host_port(relay)
+    prefix = config["headers.prefix"]
+    stamp_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    added = verdict_headers(item.verdict, prefix) + [
+        f"{prefix}Released: {stamp_time} quarantine id {quarantine_id}\r\n".encode("ascii"),
+    ]
+    message = edit_message(raw, prefix=prefix, added=added)
+    code, text = await relay_message(host, port, item.mail_from, list(item.rcpt_tos), message,
+                                     timeout=config["smtp.relay_timeout"],
+                                     local_hostname=config.hostname)
+    store.mark_released(quarantine_id)
+    log.info("event=released quarantine_id=%s next_hop=%s reply=%r", quarantine_id, relay, f"{code} {text}")
+    return f"{code} {text}"
