@@ -49,6 +49,10 @@ CASES = [
     ("qr ticket code", "QR_URL", facts(qr_codes=[qr(TICKET_PAYLOAD)]), None, DEFAULT, False),
     ("qr dotted ticket code", "QR_URL", facts(qr_codes=[qr("EVT-2024.SEAT")]), None, DEFAULT, False),
     ("non-url epc", "QR_NON_URL", facts(qr_codes=[qr(EPC_PAYLOAD)]), None, DEFAULT, True),
+    # The QR decoder turns line breaks into spaces.
+    ("non-url epc flattened", "QR_NON_URL", facts(qr_codes=[qr(EPC_PAYLOAD.replace("\n", " "))]), None, DEFAULT,
+     True),
+    ("qr epc flattened", "QR_URL", facts(qr_codes=[qr(EPC_PAYLOAD.replace("\n", " "))]), None, DEFAULT, False),
     ("non-url bitcoin", "QR_NON_URL", facts(qr_codes=[qr("bitcoin:bc1qexample?amount=0.01")]), None, DEFAULT, True),
     ("non-url wifi", "QR_NON_URL", facts(qr_codes=[qr("WIFI:T:WPA;S:Guest;P:secret;;")]), None, DEFAULT, True),
     ("non-url vcard", "QR_NON_URL", facts(qr_codes=[qr("BEGIN:VCARD\nVERSION:3.0\nFN:Ann\nEND:VCARD")]), None,

@@ -59,7 +59,7 @@ RULES: tuple[Rule, ...] = (
     Rule("URL_STORAGE_HTML", 2.0,
          "A link or QR URL opens an HTML page on public cloud object storage or an IPFS gateway.", "URL"),
     Rule("URL_OPEN_REDIRECT", 4.0, "A link or QR URL goes through a known open redirector to another site.", "URL"),
-    Rule("HTML_ATTACHMENT", 2.0, "The message carries an HTML attachment.", "HTML"),
+    Rule("HTML_ATTACHMENT", 2.0, "The message carries an HTML or SVG file as an attachment.", "HTML"),
     Rule("HTML_ATTACHMENT_SCRIPT", 2.0, "An HTML attachment contains script, which runs when the file is opened.",
          "HTML"),
     Rule("HTML_FORM_OFFSITE", 3.0, "An HTML attachment has a form that submits to another site.", "HTML"),
@@ -125,10 +125,6 @@ def clip(text: str, limit: int = _EVIDENCE_CHARS) -> str:
     if len(cleaned) > limit:
         return cleaned[: limit - 1] + "…"
     return cleaned
-
-
-def _where(location: str, filename: str | None) -> str:
-    return f"{location} ({clip(filename, 80)})" if filename else location
 
 
 # Fewer visible characters than this, next to an image, make an "image-only"
@@ -232,10 +228,6 @@ def check_storage_pages(facts: MessageFacts, envelope: Envelope, config: Config)
             yield "URL_STORAGE_HTML", f"{where}: {service}: {clip(url)}"
 
 
-def _html_where(html: HtmlFacts) -> str:
-    return _where(html.location, html.filename)
-
-
 _HTML_EXTENSIONS = (".htm", ".html", ".shtml", ".xhtml")
 
 
@@ -259,7 +251,7 @@ def check_html(facts: MessageFacts, envelope: Envelope, config: Config) -> Itera
     """HTML parts and attachments: redirects, atob(), CAPTCHA gates and off-site forms."""
     attachments = set()
     for html in facts.html:
-        where = _html_where(html)
+        where = html.location
         if _is_html_file(html):
             attachments.add(html.location)
             yield "HTML_ATTACHMENT", where
@@ -292,13 +284,13 @@ def check_html(facts: MessageFacts, envelope: Envelope, config: Config) -> Itera
         if part.is_attachment and part.location not in attachments and _is_html_attachment_part(
             part.content_type, part.filename
         ):
-            yield "HTML_ATTACHMENT", _where(part.location, part.filename)
+            yield "HTML_ATTACHMENT", part.location
 
 
 def check_pdfs(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
     """PDF properties that hide content from the scanner or run code."""
     for pdf in facts.pdfs:
-        where = _where(pdf.location, pdf.filename)
+        where = pdf.location
         if pdf.encrypted:
             yield "PDF_ENCRYPTED", where
         if pdf.has_javascript:

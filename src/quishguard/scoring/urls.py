@@ -30,27 +30,32 @@ _HOST_THEN_PATH = re.compile(r"^[a-z0-9-]+(?:\.[a-z0-9-]+)+(?:[/:?#]\S*)?$", re.
 
 
 def qr_url(payload: str) -> str | None:
-    """Return the web URL a QR payload opens, or None for any other payload."""
+    """Return the web URL a QR payload opens, or None for any other payload.
+
+    A payload that starts with a URL counts even when text follows it,
+    because the QR decoder turns line breaks into spaces.
+    """
     text = payload.strip()
     if text[:6].upper() == "URLTO:":
         # An older URL form that some generators still write.
         text = text[6:].strip()
 
-    if _SCHEME_URL.match(text):
-        return text
+    first_word = text.split(maxsplit=1)[0] if text else ""
+    if _SCHEME_URL.match(first_word):
+        return first_word
 
-    if "\n" not in text and _BARE_HOST_URL.match(text):
+    if _BARE_HOST_URL.match(text):
         return "http://" + text
 
     return None
 
 
 # Prefixes of payload formats that are not web links, checked in order.
+# The EPC and Swiss QR-bill formats start with a header line; the QR decoder
+# turns line breaks into spaces, so any whitespace may follow the header.
 _PAYLOAD_KINDS: tuple[tuple[str, str], ...] = (
-    ("BCD\n", "EPC payment (SEPA credit transfer)"),
-    ("BCD\r\n", "EPC payment (SEPA credit transfer)"),
-    ("SPC\n", "Swiss QR-bill payment"),
-    ("SPC\r\n", "Swiss QR-bill payment"),
+    ("BCD ", "EPC payment (SEPA credit transfer)"),
+    ("SPC ", "Swiss QR-bill payment"),
     ("bitcoin:", "cryptocurrency payment"),
     ("ethereum:", "cryptocurrency payment"),
     ("litecoin:", "cryptocurrency payment"),
@@ -72,8 +77,9 @@ _PAYLOAD_KINDS: tuple[tuple[str, str], ...] = (
 
 def payload_kind(payload: str) -> str:
     """Name the kind of a QR payload that `qr_url` did not take as a URL."""
+    text = payload.replace("\r\n", " ").replace("\n", " ")
     for prefix, kind in _PAYLOAD_KINDS:
-        if payload[: len(prefix)].upper() == prefix.upper():
+        if text[: len(prefix)].upper() == prefix.upper():
             return kind
     return "text"
 
