@@ -82,3 +82,14 @@ def test_replace_checks_values():
         config.replace(smtp_relay="nonsense")
 
     assert config.replace(smtp_relay="[::1]:25")["smtp.relay"] == "[::1]:25"
+
+
+def test_readme_lists_every_key():
+    from pathlib import Path
+
+    from quishguard.config import reference_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+    for row in reference_markdown().splitlines()[2:]:
+        assert row in readme, f"README.md lacks or differs in: {row}"

@@ -183,7 +183,7 @@ OPTIONS: tuple[Option, ...] = (
            "Most images decoded per message (attachments, inline parts and data: URIs).",
            _integer(1)),
     Option("scan", "max_image_pixels", 40_000_000, "pixels",
-           "Largest image decoded. Larger images are a SCAN_LIMIT finding, not decoded.",
+           "Largest image decoded. Larger images are a MIME_LIMIT finding, not decoded.",
            _integer(10_000)),
     Option("scan", "max_pdf_pages", 20, "pages",
            "Most PDF pages rendered per PDF.", _integer(1)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -51,8 +52,8 @@ def qr_url(payload: str) -> str | None:
 
 
 # Prefixes of payload formats that are not web links, checked in order.
-# The EPC and Swiss QR-bill formats start with a header line; the QR decoder
-# turns line breaks into spaces, so any whitespace may follow the header.
+# The EPC and Swiss QR-bill formats start with a header line. The QR decoder
+# turns line breaks into spaces, so the header is matched with a space.
 _PAYLOAD_KINDS: tuple[tuple[str, str], ...] = (
     ("BCD ", "EPC payment (SEPA credit transfer)"),
     ("SPC ", "Swiss QR-bill payment"),
@@ -318,7 +319,7 @@ def find_open_redirect(url: str, extra_patterns: Iterable[str] = ()) -> Redirect
 
 
 # Base64 tokens shorter than 8 characters decode to at most 6 bytes, too
-# short to hold an address; the caps bound the work on hostile URLs.
+# short to hold an address. The caps bound the work on hostile URLs.
 _BASE64_TOKEN = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
 _MAX_TOKENS = 64
 _MAX_TOKEN_CHARS = 8192
@@ -359,8 +360,8 @@ def _base64_fragments(address: str) -> list[str]:
 
 
 def _unquote_repeatedly(text: str) -> str:
-    # Redirect chains percent-encode a URL once per hop; three rounds cover
-    # the chains seen in practice.
+    # Redirect chains percent-encode a URL once per hop. Three rounds is an
+    # estimate of the longest chain worth undoing, and it bounds the work.
     for _ in range(3):
         decoded = unquote(text)
         if decoded == text:
@@ -390,7 +391,7 @@ def _search_component(text: str, component: str, address: str) -> Embedding | No
     if any(fragment in text or fragment in decoded for fragment in _base64_fragments(address)):
         return Embedding(address, "base64", component)
 
-    for match in list(_BASE64_TOKEN.finditer(decoded))[:_MAX_TOKENS]:
+    for match in itertools.islice(_BASE64_TOKEN.finditer(decoded), _MAX_TOKENS):
         token = match.group(0)[:_MAX_TOKEN_CHARS]
         # A token may start with a few characters that are not part of the
         # encoding (Bing's "a1" prefix, a path separator eaten by the regex).
