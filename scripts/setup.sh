@@ -6,12 +6,17 @@ set -eu
 
 cd "$(dirname "$0")/.."
 
-PACKAGES="python3 python3-venv python3-dev libzbar0 swaks postfix"
+# chromium and chromium-driver run the quarantine page browser test.
+PACKAGES="python3 python3-venv python3-dev libzbar0 swaks postfix chromium chromium-driver"
 
 missing=""
 for package in $PACKAGES; do
     dpkg -s "$package" >/dev/null 2>&1 || missing="$missing $package"
 done
+# npm installs the Compose specification schema that the compose file test
+# uses. A Node.js from another source (NodeSource) may bring its own npm,
+# which conflicts with Debian's package.
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
 
 # A pyenv or other interpreter on PATH may already provide venv support.
 if [ -n "$missing" ]; then
@@ -30,3 +35,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# The versions are pinned in tests/schemas/package-lock.json.
+(cd tests/schemas && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)

@@ -67,9 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=text)
         sub.add_argument("id", help="quarantine id from `quishguard quarantine list`")
 
+    milter = commands.add_parser("milter", help="run the milter for Postfix or Sendmail")
+    _common(milter)
+    milter.add_argument("--listen", metavar="SOCKET",
+                        help="inet:HOST:PORT or unix:/PATH (overrides milter.listen)")
+
     sink = commands.add_parser("sink", help="run the local sink that stores received mail as files")
     _common(sink)
     sink.add_argument("--listen", metavar="HOST:PORT", help="listen address (overrides sink.listen)")
+
+    tune = commands.add_parser("tune", help="scan a labelled corpus and suggest thresholds")
+    _common(tune)
+    tune.add_argument("paths", nargs="+", metavar="PATH",
+                      help="folder or .eml file; without --labels, each file's label is the name "
+                           "of its nearest parent folder called phish or ham")
+    tune.add_argument("--labels", metavar="FILE",
+                      help="TSV with a header row and columns file and label (phish or ham); "
+                           "file paths are relative to the TSV's folder")
+    tune.add_argument("--out", metavar="DIR", default="tune-report",
+                      help="report folder, created if missing (default: ./tune-report)")
+    tune.add_argument("--target-fpr", metavar="RATE", type=float, default=0.001,
+                      help="highest share of ham to quarantine, 0 to 1 (default: 0.001)")
+    tune.add_argument("--tag-fpr", metavar="RATE", type=float, default=None,
+                      help="highest share of ham to tag, 0 to 1 (default: 10 times --target-fpr)")
+    tune.add_argument("--cache-dir", metavar="DIR",
+                      help="folder of cached scan facts (default: DIR/cache inside --out); "
+                           "a later run rescores cached messages without decoding them again")
 
     commands.add_parser("rules", help="list the rules with their default scores")
 
@@ -85,9 +108,13 @@ def _load(args: argparse.Namespace) -> Config:
     if getattr(args, "data_dir", None):
         overrides["quarantine_data_dir"] = args.data_dir
     if getattr(args, "listen", None):
-        overrides["sink_listen" if args.command == "sink" else "smtp_listen"] = args.listen
+        listen_option = {"sink": "sink_listen", "milter": "milter_listen"}.get(args.command, "smtp_listen")
+        overrides[listen_option] = args.listen
     if getattr(args, "relay", None):
         overrides["smtp_relay"] = args.relay
+        if args.command == "quarantine":
+            # An explicit release target wins over milter.release_relay too.
+            overrides["milter_release_relay"] = args.relay
     return config.replace(**overrides) if overrides else config
 
 
@@ -103,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "serve":
             return asyncio.run(_serve(config))
+        if args.command == "milter":
+            return asyncio.run(_milter(config))
         if args.command == "sink":
             return asyncio.run(_sink(config))
         if args.command == "scan":
             return asyncio.run(_scan(config, [Path(p) for p in args.paths], args.format))
+        if args.command == "tune":
+            return _tune(config, args)
         if args.command == "quarantine":
             return _quarantine(config, args)
     except ConfigError as error:
@@ -151,7 +182,9 @@ async def _serve(config: Config) -> int:
 
     scanner = Scanner(config)
     await scanner.start()
+    operations: list = []
     try:
+        operations = await start_operations(config, store, scanner.pool)
         servers.append(await start_server(config, scanner, store, parse_host_port(relay),
                                           parse_host_port(config["smtp.listen"])))
         log.info("event=started version=%s config=%s data_dir=%s", __version__, config.source,
@@ -161,6 +194,62 @@ async def _serve(config: Config) -> int:
     finally:
         for server in servers:
             server.close()
+        await stop_operations(operations)
+        await scanner.close()
+    return EXIT_OK
+
+
+async def start_operations(config: Config, store, pool) -> list:
+    """Start the event log, the metrics endpoint and the quarantine page that config enables.
+
+    Returns the started services for `stop_operations`; when one fails to
+    start, the ones started before it are stopped and the error is raised.
+    """
+    from .events import EventLog
+    from .metrics import start_metrics
+    from .web import start_web
+
+    started: list = []
+    try:
+        event_log = EventLog.from_config(config)
+        if event_log.enabled:
+            event_log.start()
+            started.append(event_log)
+        if config["metrics.listen"]:
+            started.append(await start_metrics(config, held_count=store.count,
+                                               worker_restarts=lambda: pool.restarts))
+        if config["web.listen"]:
+            started.append(await start_web(config, store))
+    except BaseException:
+        await stop_operations(started)
+        raise
+    return started
+
+
+async def stop_operations(started: list) -> None:
+    """Stop what `start_operations` started, newest first."""
+    for service in reversed(started):
+        result = service.close()
+        if asyncio.iscoroutine(result):
+            await result
+
+
+async def _milter(config: Config) -> int:
+    from .milter.server import start_milter_server
+    from .pipeline import Scanner
+    from .quarantine import QuarantineStore
+
+    store = QuarantineStore(config.data_dir)
+    scanner = Scanner(config)
+    await scanner.start()
+    try:
+        server = await start_milter_server(config, scanner, store)
+        log.info("event=started version=%s mode=milter config=%s data_dir=%s", __version__,
+                 config.source, config.data_dir)
+        await _wait_for_stop()
+        log.info("event=stopping")
+        server.close()
+    finally:
         await scanner.close()
     return EXIT_OK
 
@@ -209,6 +298,27 @@ async def _scan(config: Config, paths: list[Path], output_format: str) -> int:
             print(f"{path}\t{result.verdict.score:.1f}\t{result.verdict.action.label}\t{rules}")
         sys.stdout.flush()
     return EXIT_INPUT if errors else EXIT_OK
+
+
+def _tune(config: Config, args: argparse.Namespace) -> int:
+    from .tune import ProgressBar, TuneError, TuneOptions, run_tune
+
+    options = TuneOptions(
+        paths=[Path(p) for p in args.paths],
+        labels=Path(args.labels) if args.labels else None,
+        out=Path(args.out),
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        target_fpr=args.target_fpr,
+        tag_fpr=args.tag_fpr,
+    )
+    try:
+        report = asyncio.run(run_tune(config, options, progress=ProgressBar(sys.stderr)))
+    except TuneError as error:
+        print(f"quishguard: {error}", file=sys.stderr)
+        return EXIT_INPUT
+    for line in report.summary_lines():
+        print(line)
+    return EXIT_OK
 
 
 def _quarantine(config: Config, args: argparse.Namespace) -> int:
@@ -266,7 +376,8 @@ async def release(store, quarantine_id: str, config: Config) -> str:
         raise QuarantineError(f"quarantine id {quarantine_id} is {item.status}, not held; "
                               "only held messages can be released")
     raw = store.read_raw(quarantine_id)
-    relay = config["smtp.relay"] or config["sink.listen"]
+    # Mail the milter quarantined must not pass through the milter again.
+    relay = config["milter.release_relay"] or config["smtp.relay"] or config["sink.listen"]
     host, port = parse_host_port(relay)
     prefix = config["headers.prefix"]
     stamp_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

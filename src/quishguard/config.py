@@ -116,6 +116,25 @@ def _host_port(name: str, value: Any) -> str:
     return text
 
 
+def parse_milter_socket(text: str) -> tuple[str, str | int]:
+    """Split a milter socket, `inet:HOST:PORT` or `unix:PATH`, into (HOST, PORT) or ("unix", PATH)."""
+    kind, sep, rest = text.partition(":")
+    if sep and kind == "inet":
+        return parse_host_port(rest)
+    if sep and kind == "unix" and rest.startswith("/"):
+        return "unix", rest
+    raise ValueError(f"expected inet:HOST:PORT or unix:/PATH, got {text!r}")
+
+
+def _milter_socket(name: str, value: Any) -> str:
+    text = _string(name, value)
+    try:
+        parse_milter_socket(text)
+    except ValueError:
+        raise _fail(name, value, "inet:HOST:PORT such as inet:127.0.0.1:9900, or unix:/ABSOLUTE/PATH") from None
+    return text
+
+
 def _optional_host_port(name: str, value: Any) -> str:
     if value == "":
         return ""
@@ -144,6 +163,51 @@ def _path(name: str, value: Any) -> Path:
     return Path(_string(name, value))
 
 
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(name, value, "true or false")
+    return value
+
+
+def _name_list(name: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(name, value, "a list of strings")
+    return tuple(" ".join(v.split()) for v in value if v.strip())
+
+
+def _optional_file(name: str, value: Any) -> Path | None:
+    text = _string(name, value)
+    if not text:
+        return None
+    path = Path(text)
+    if not path.is_file():
+        raise _fail(name, value, "an existing file, or an empty string")
+    return path
+
+
+def _dns_servers(name: str, value: Any) -> tuple[str, ...]:
+    servers = _string_list(name, value)
+    for server in servers:
+        try:
+            ipaddress.ip_address(server.strip("[]"))
+            continue
+        except ValueError:
+            pass
+        try:
+            host, _port = parse_host_port(server)
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise _fail(name, server, "an IP address or IP:PORT such as 127.0.0.1:5353 or [::1]:53") from None
+    return servers
+
+
+def _stamp_secret(name: str, value: Any) -> str:
+    text = _string(name, value)
+    if text and len(text) < 16:
+        raise _fail(name, "(hidden)", "a string of at least 16 characters, or an empty string")
+    return text
+
+
 LOOPBACK = ["127.0.0.0/8", "::1/128"]
 
 OPTIONS: tuple[Option, ...] = (
@@ -165,6 +229,14 @@ OPTIONS: tuple[Option, ...] = (
            _number(1)),
     Option("smtp", "session_timeout", 300.0, "seconds",
            "Idle time after which an inbound session is closed.", _number(1)),
+    Option("smtp", "max_connections", 100, "connections",
+           "Most inbound SMTP connections open at once. Further clients get 421 and are "
+           "disconnected, so the sending MTA retries later.", _integer(1)),
+    Option("smtp", "tls_cert", "", "path",
+           "PEM certificate chain offered with STARTTLS. STARTTLS is offered only when both "
+           "tls_cert and tls_key are set.", _string),
+    Option("smtp", "tls_key", "", "path",
+           "PEM private key of tls_cert.", _string),
     Option("scan", "budget_seconds", 15.0, "seconds",
            "Time allowed to inspect one message. When it runs out the message gets a "
            "SCAN_INCOMPLETE finding and the fail mode applies.", _number(0.1)),
@@ -217,12 +289,80 @@ OPTIONS: tuple[Option, ...] = (
     Option("org", "authserv_ids", [], "list",
            "authserv-ids of Authentication-Results headers that we believe when a trusted "
            "hop added them.", _string_list),
+    Option("org", "people", [], "list",
+           "Display names of people in the organisation (\"Ann Smith\"). Mail from outside, or "
+           "failing authentication, under one of these names is SENDER_DISPLAY_NAME_PERSON.",
+           _name_list),
+    Option("org", "people_file", "", "path",
+           "File with one more display name per line (UTF-8; # starts a comment), added to "
+           "`org.people`. Empty: none.", _optional_file),
+    Option("org", "remember_senders", True, "true|false",
+           "Whether `serve` remembers outside addresses that used a person's display name, in "
+           "senders.sqlite3 in the data folder, so the first message of a new one is "
+           "SENDER_FIRST_SEEN_PERSON. `scan` never writes this file.", _boolean),
+    Option("auth", "authserv_id", "", "name",
+           "authserv-id of the Authentication-Results header we add. Incoming headers with "
+           "this id are removed. Empty: smtp.hostname.", _printable_string),
+    Option("auth", "arc_trusted_sealers", [], "list",
+           "Domains (ARC-Seal d=) whose valid ARC chains we believe, such as a mailing list "
+           "or a forwarding gateway of the organisation.", _string_list),
+    Option("auth", "microsoft_networks", [], "CIDR list",
+           "Networks of the Microsoft 365 connector that hands mail to the hop. Microsoft's "
+           "AuthAs, antispam and compauth headers count only from these previous hops.",
+           _networks),
+    Option("dns", "servers", [], "list",
+           "DNS resolvers for SPF, DKIM, DMARC and ARC, as IP or IP:PORT ([IPv6]:PORT). Empty: "
+           "the system's resolvers (/etc/resolv.conf).", _dns_servers),
+    Option("dns", "timeout_seconds", 2.0, "seconds",
+           "Time allowed to one DNS query.", _number(0.1)),
+    Option("dns", "budget_seconds", 5.0, "seconds",
+           "Time allowed to all DNS queries of one message. Checks still waiting when it runs "
+           "out report temperror.", _number(0.1)),
+    Option("stamp", "secret", "", "text",
+           "HMAC key of the Stamp header added to every relayed message, at least 16 "
+           "characters. Empty: no stamp, and `serve` logs a warning at start.", _stamp_secret),
     Option("quarantine", "data_dir", "./var/quishguard", "path",
            "Folder of the quarantine index, stored messages and the local sink, relative to "
            "the working directory.", _path),
+    Option("milter", "listen", "inet:127.0.0.1:9900", "socket",
+           "Socket that `quishguard milter` listens on for the MTA: inet:HOST:PORT or "
+           "unix:/PATH.", _milter_socket),
+    Option("milter", "quarantine_mode", "hold", "hold|store",
+           "Where the milter puts quarantined mail: hold (the MTA's hold queue, released with "
+           "`postsuper -H`) or store (quishguard's quarantine; the MTA discards its copy).",
+           _choice("hold", "store")),
+    Option("milter", "release_relay", "", "HOST:PORT",
+           "Next hop that `quishguard quarantine release` sends released mail to. It must not "
+           "pass mail through the milter again, for example a Postfix smtpd with "
+           "`-o smtpd_milters=`. Required when quarantine_mode is store.", _optional_host_port),
+    Option("milter", "progress_interval", 5.0, "seconds",
+           "Time between progress replies while a message is scanned, which keep the MTA from "
+           "timing out. Keep it below the MTA's reply timeout (Postfix milter_content_timeout: "
+           "300 s; Sendmail T=R: 10 s).", _number(1, 120)),
+    Option("milter", "idle_timeout", 600.0, "seconds",
+           "Idle time after which an MTA connection is closed. Keep it above the MTA's SMTP "
+           "idle timeout (Postfix smtpd_timeout: 300 s).", _number(1)),
     Option("sink", "listen", "127.0.0.1:10026", "HOST:PORT",
            "Address of the local sink that `quishguard sink` (and `serve` without a relay) "
            "runs.", _host_port),
+    Option("events", "file", "", "path",
+           "File that receives one JSON line per scanned message (appended; reopened when "
+           "log rotation moves it). `-` writes to standard output. Empty: off.", _string),
+    Option("events", "syslog", "", "HOST:PORT",
+           "Syslog collector that receives each event as an RFC 5424 message (facility mail). "
+           "Empty: off.", _optional_host_port),
+    Option("events", "syslog_transport", "udp", "udp|tcp",
+           "Transport to the syslog collector: udp (RFC 5426) or tcp with octet counting "
+           "(RFC 6587).", _choice("udp", "tcp")),
+    Option("metrics", "listen", "", "HOST:PORT",
+           "Address of the Prometheus metrics endpoint (`/metrics`), served by `quishguard "
+           "serve`. Use a loopback address. Empty: off.", _optional_host_port),
+    Option("web", "listen", "", "HOST:PORT",
+           "Address of the quarantine web page, served by `quishguard serve`. Use a loopback "
+           "address. Empty: off.", _optional_host_port),
+    Option("web", "token", "", "text",
+           "Login token of the quarantine web page, at least 16 characters. Required when "
+           "`web.listen` is set.", _printable_string),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}

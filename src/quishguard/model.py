@@ -57,6 +57,8 @@ class OrgPolicy:
     domains: tuple[str, ...] = ()
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     authserv_ids: tuple[str, ...] = ()
+    arc_trusted_sealers: tuple[str, ...] = ()
+    microsoft_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,8 +183,66 @@ class ScanProblem:
 
 
 @dataclass(frozen=True)
+class AuthCheck:
+    """One authentication method's result as Authentication-Results writes it (RFC 8601, section 2.2).
+
+    `method` is spf, dkim, dmarc or arc; `result` one of the RFC 8601 result
+    words (pass, fail, softfail, neutral, none, policy, temperror, permerror);
+    `properties` are (ptype.property, value) pairs such as ("header.d", "example.com").
+    """
+
+    method: str
+    result: str
+    properties: tuple[tuple[str, str], ...] = ()
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class AuthFacts:
+    """Our own SPF, DKIM, DMARC and ARC results for one message, from DNS lookups at the hop.
+
+    `dmarc_policy` is the p= (or sp=) of the From domain's record;
+    `arc_dmarc_pass` means a valid ARC chain sealed last by a trusted sealer
+    reports DMARC pass from before the forwarding.
+    """
+
+    checks: tuple[AuthCheck, ...] = ()
+    dmarc: str = "none"
+    dmarc_policy: str | None = None
+    arc_dmarc_pass: bool = False
+    temperrors: tuple[str, ...] = ()
+
+    def result(self, method: str) -> AuthCheck | None:
+        return next((check for check in self.checks if check.method == method), None)
+
+
+@dataclass(frozen=True)
+class MicrosoftFacts:
+    """Microsoft 365 verdict headers, and whether they count.
+
+    They count only when the previous hop is inside `[auth]
+    microsoft_networks`; otherwise any sender could have written them, and
+    `note` says why they were ignored. Values are lowercased.
+    """
+
+    counted: bool
+    auth_as: str | None = None
+    cross_tenant_auth_as: str | None = None
+    spam_verdict: str | None = None
+    category: str | None = None
+    compauth: str | None = None
+    compauth_reason: str | None = None
+    spoof: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class SenderFacts:
-    """Who sent the message, judged without DNS."""
+    """Who sent the message: headers and envelope, plus DNS results when the hop looked them up.
+
+    `auth` is None when no DNS lookups were made (`scan` without `--dns`).
+    `first_seen` is None when no sender history is kept (`scan`).
+    """
 
     from_address: str | None
     from_domain: str | None
@@ -190,6 +250,11 @@ class SenderFacts:
     ip_source: str
     trusted_dmarc_pass: bool = False
     trusted_auth_results: tuple[str, ...] = ()
+    display_name: str = ""
+    reply_to: tuple[str, ...] = ()
+    auth: AuthFacts | None = None
+    microsoft: MicrosoftFacts | None = None
+    first_seen: bool | None = None
 
 
 @dataclass

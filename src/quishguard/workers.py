@@ -44,9 +44,11 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     # The parent handles SIGINT and SIGTERM and stops workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    from .decoders import TASKS
+    from .decoders import TASKS, preload
     from .decoders.structure import analyse_structure
 
+    # Import the image and PDF libraries now, so the first job does not pay for it.
+    preload()
     conn.send(("ready", os.getpid()))
     while True:
         try:

@@ -228,3 +228,25 @@ def test_html_srcset_with_data_uri_commas():
     analysis = analyse(f'<img srcset="https://example.com/a.png 1x, data:image/png;base64,{b64} 2x">')
 
     assert [image.data for image in analysis.embedded_images] == [qr_png()]
+
+
+def test_html_repeated_redirects_capped():
+    markup = "".join(f"<p onclick=\"location='https://example.net/{n % 50}'\">t</p>" for n in range(500))
+    analysis = analyse(markup)
+
+    assert len(analysis.facts.js_redirects) == html_module.MAX_VALUES_PER_FACT
+    assert analysis.facts.js_redirects[0] == "https://example.net/0"
+
+
+def test_html_deep_nesting_stays_linear():
+    # A per-element search of the subtree would make this quadratic.
+    analysis = analyse("<div>" * 20000 + "deep" + "</div>" * 20000)
+
+    assert analysis.visible_text == "deep"
+
+
+def test_html_unclosed_css_urls_fast():
+    analysis = analyse("<style>" + "url(" * 100000 + "</style><p>x</p>")
+
+    assert analysis.embedded_images == []
+    assert analysis.visible_text == "x"

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import email.header
 import email.utils
 import ipaddress
 import logging
@@ -60,6 +61,8 @@ def judge_sender(headers: list[tuple[str, str]], envelope: Envelope, org: OrgPol
         ip_source=ip_source,
         trusted_dmarc_pass=_dmarc_passes(trusted_results),
         trusted_auth_results=tuple(trusted_results),
+        display_name=_display_name(headers),
+        reply_to=_reply_to(headers),
     )
 
 
@@ -118,6 +121,25 @@ def _from_address(headers: list[tuple[str, str]]) -> tuple[str | None, str | Non
             domain = domain.strip().rstrip(".").lower()
             return f"{local}@{domain}", domain
     return None, None
+
+
+def _display_name(headers: list[tuple[str, str]]) -> str:
+    """Return the display name of the first From mailbox, RFC 2047 encoded-words decoded."""
+    value = next((value for name, value in headers if name.lower() == "from"), None)
+    if value is None:
+        return ""
+    try:
+        decoded = str(email.header.make_header(email.header.decode_header(value)))
+    except (ValueError, LookupError):
+        decoded = value
+    pairs = email.utils.getaddresses([decoded])
+    return " ".join(pairs[0][0].split()) if pairs else ""
+
+
+def _reply_to(headers: list[tuple[str, str]]) -> tuple[str, ...]:
+    values = [value for name, value in headers if name.lower() == "reply-to"]
+    addresses = [address.strip().lower() for _name, address in email.utils.getaddresses(values)]
+    return tuple(address for address in addresses if "@" in address)
 
 
 def _first_untrusted_hop(received: list[tuple[int, str]], org: OrgPolicy) -> tuple[int, IpAddress | None]:

@@ -343,6 +343,8 @@ def _read_html_leaf(
     facts.problems.extend(analysis.problems)
     cid_references.update(analysis.cid_references)
     if not is_attachment:
+        # NOTE: the text/plain and text/html alternatives of one
+        # multipart/alternative are both counted, so the total may double.
         facts.body_text_chars += analysis.facts.visible_text_chars
         facts.text_bodies.append(analysis.visible_text[:MAX_TEXT_BODY_CHARS])
 

@@ -14,6 +14,19 @@ Deviations from aiosmtpd's defaults, and why:
   clients inside `[org] trusted_networks` only.
 - The greeting name is explicit, because aiosmtpd's default calls
   `socket.getfqdn()` for every connection, which stalls without DNS.
+- A message whose DATA holds a bare CR or a bare LF (one not part of a CRLF
+  pair) is rejected with `550 5.6.0` and never relayed. RFC 5321 section
+  2.3.8 forbids both, and SMTP smuggling (for example `\n.\r\n` read as the
+  end of data by one server and not by the next) depends on servers reading
+  them differently. Rejecting, not normalising to CRLF, keeps the bytes
+  that were scanned identical to the bytes relayed. aiosmtpd >= 1.4.6 ends
+  DATA only at `\r\n.\r\n`, so none of these sequences can end a message
+  early here.
+- STARTTLS (RFC 3207) is offered when `[smtp] tls_cert` and `tls_key` are
+  set. aiosmtpd 1.4.6 discards commands pipelined after STARTTLS when the
+  handshake completes (RFC 3207 section 4.2); a test holds it to that.
+- At most `[smtp] max_connections` sessions are open at once; further
+  clients get 421 and are disconnected, so the sending MTA retries later.
 """
 
 from __future__ import annotations
@@ -21,13 +34,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import secrets
+import ssl
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session, syntax
 
+from .. import events
 from ..config import Config, parse_host_port
-from ..errors import QuarantineError, RelayError
+from ..errors import ConfigError, QuarantineError, RelayError
 from ..model import Action, Envelope
 from ..pipeline import Scanner
 from ..quarantine import QuarantineStore
@@ -37,6 +53,8 @@ from .relay import NextHop
 log = logging.getLogger(__name__)
 
 REPLY_NOT_ALLOWED = "554 5.7.1 Client host {ip} is not allowed to connect"
+REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+REPLY_BARE_LINE_END = "550 5.6.0 Bare CR or LF not allowed"
 REPLY_SCAN_TEMPFAIL = "451 4.7.1 Message could not be scanned completely, try again later"
 REPLY_INTERNAL_ERROR = "451 4.3.0 Internal error, try again later"
 REPLY_QUARANTINE_FAILED = "451 4.3.0 Message could not be stored, try again later"
@@ -49,6 +67,9 @@ REPLY_XFORWARD_SYNTAX = "501 5.5.4 Syntax: XFORWARD attribute=value ..."
 
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO", "PORT", "IDENT", "SOURCE")
 ANNOUNCED_XFORWARD = "XFORWARD NAME ADDR PROTO HELO"
+
+# A CR not followed by LF, or an LF not preceded by CR.
+BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
 def _in_networks(ip: str | None, networks) -> bool:
@@ -91,6 +112,15 @@ class FilterSMTP(SMTP):
         self.line_length_limit = config["smtp.max_message_size"] + 1000
         super().__init__(handler, **kwargs)
         self.config = config
+        self.counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # aiosmtpd calls this again after a STARTTLS handshake, on the same
+        # connection, so only the first call counts.
+        if not self.counted:
+            self.counted = True
+            self.event_handler.open_connections += 1
+        super().connection_made(transport)
 
     async def _handle_client(self) -> None:
         peer_ip = self.session.peer[0] if isinstance(self.session.peer, tuple) else None
@@ -99,9 +129,19 @@ class FilterSMTP(SMTP):
             await self.push(REPLY_NOT_ALLOWED.format(ip=peer_ip))
             self.transport.close()
             return
+        open_connections = self.event_handler.open_connections
+        if open_connections > self.config["smtp.max_connections"]:
+            log.warning("event=client_deferred reason=max_connections client=%s open=%d", peer_ip,
+                        open_connections)
+            await self.push(REPLY_TOO_MANY_CONNECTIONS)
+            self.transport.close()
+            return
         await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self.counted:
+            self.counted = False
+            self.event_handler.open_connections -= 1
         # Drop any next-hop session so an unfinished relay is never committed
         # after our client hung up.
         hop: NextHop | None = getattr(self.session, "next_hop", None)
@@ -140,6 +180,7 @@ class FilterHandler:
         self.store = store
         self.relay_host, self.relay_port = relay
         self.prefix = config["headers.prefix"]
+        self.open_connections = 0
 
     def _session_id(self, session: Session) -> str:
         sid = getattr(session, "qg_id", None)
@@ -213,8 +254,17 @@ class FilterHandler:
         sid = self._session_id(session)
         hop: NextHop | None = getattr(session, "next_hop", None)
         session.next_hop = None
+        if BARE_LINE_END.search(envelope.original_content or b""):
+            log.warning("session=%s event=rejected reason=bare_line_end", sid)
+            if hop is not None:
+                await hop.finish()
+            return REPLY_BARE_LINE_END
         try:
-            return await self._process(sid, session, envelope, hop)
+            reply = await self._process(sid, session, envelope, hop)
+            ours, result = session.qg_scanned
+            events.emit_verdict(session_id=sid, envelope=ours, result=result, reply=reply,
+                                queue_id=ours.queue_id)
+            return reply
         except asyncio.CancelledError:
             log.warning("session=%s event=client_gone stage=data", sid)
             if hop is not None:
@@ -239,9 +289,12 @@ class FilterHandler:
             helo=session.host_name,
             xforward_addr=xforward.get("ADDR"),
             xforward_helo=xforward.get("HELO"),
+            queue_id=xforward.get("IDENT"),
         )
 
         result = await self.scanner.scan(raw, ours, message_ref=sid)
+        # handle_DATA reports the scan as an event once the action is done.
+        session.qg_scanned = (ours, result)
         verdict = result.verdict
         message_id = result.facts.message_id or "-"
         log.info("session=%s event=verdict message_id=%r client=%s score=%.1f action=%s rules=%s "
@@ -286,19 +339,39 @@ class FilterHandler:
         return REPLY_SCAN_TEMPFAIL
 
 
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """Return the STARTTLS server context of `[smtp] tls_cert` and `tls_key`, or None when unset."""
+    cert, key = config["smtp.tls_cert"], config["smtp.tls_key"]
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ConfigError("smtp.tls_cert and smtp.tls_key must be set together; "
+                          f"got tls_cert={cert!r} and tls_key={key!r}")
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"cannot load smtp.tls_cert {cert!r} with smtp.tls_key {key!r}: {error}; "
+                          "both must be PEM files and the key must match the certificate") from error
+    return context
+
+
 async def start_server(config: Config, scanner: Scanner, store: QuarantineStore,
                        relay: tuple[str, int], listen: tuple[str, int]) -> asyncio.AbstractServer:
     """Start listening; return the asyncio server (close it to stop)."""
     handler = FilterHandler(config, scanner, store, relay)
     loop = asyncio.get_running_loop()
+    context = tls_context(config)
 
     def factory() -> FilterSMTP:
         return FilterSMTP(handler, config=config, hostname=config.hostname,
                           data_size_limit=config["smtp.max_message_size"],
                           enable_SMTPUTF8=True, decode_data=False, ident="quishguard ESMTP",
-                          timeout=config["smtp.session_timeout"], loop=loop)
+                          timeout=config["smtp.session_timeout"], tls_context=context, loop=loop)
 
     host, port = listen
     server = await loop.create_server(factory, host=host, port=port)
-    log.info("event=listening address=%s:%d next_hop=%s:%d", host, port, *relay)
+    log.info("event=listening address=%s:%d next_hop=%s:%d starttls=%s", host, port, *relay,
+             "on" if context else "off")
     return server

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from ..config import Config
-from ..model import Envelope, HtmlFacts, MessageFacts, QrCode
+from ..model import Envelope, HtmlFacts, MessageFacts, QrCode, SenderFacts
+from .names import match_person, match_service, people
 from .urls import find_embedded_recipients, find_open_redirect, find_storage_page, payload_kind, qr_url
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,32 @@ RULES: tuple[Rule, ...] = (
     Rule("PDF_ENCRYPTED", 1.0, "A PDF is encrypted, so its content could not be inspected.", "PDF"),
     Rule("PDF_JAVASCRIPT", 2.0, "A PDF contains JavaScript.", "PDF"),
     Rule("SENDER_DIRECT_SEND", 4.0,
-         "From claims an organisation domain, but the mail came from outside without trusted DMARC pass.",
+         "From claims an organisation domain, but the mail came from outside without aligned "
+         "authentication (DMARC pass from the hop, a trusted hop or a trusted ARC sealer).",
          "SENDER"),
+    # Alone this stays far below tag: many legitimate messages are sent to
+    # oneself (notes, calendar and form copies), but a lure sent "from" the
+    # reader's own address is a common way around sender-reputation filters.
+    Rule("SENDER_FROM_IS_RECIPIENT", 1.0, "The From address is the recipient's own address.", "SENDER"),
+    Rule("SENDER_DISPLAY_NAME_PERSON", 3.0,
+         "The From display name is a person of the organisation ([org] people), but the sender is "
+         "outside the organisation or fails authentication.", "SENDER"),
+    Rule("SENDER_DISPLAY_NAME_SERVICE", 2.0,
+         "The From display name poses as an internal service (voicemail, fax, scanner, HR, payroll, "
+         "IT), but the sender is outside the organisation or fails authentication.", "SENDER"),
+    Rule("SENDER_DMARC_FAIL_NONE", 2.0,
+         "DMARC fails for an organisation domain whose policy is p=none, so receivers still deliver it.",
+         "SENDER"),
+    Rule("SENDER_REPLY_TO_EXTERNAL", 2.0,
+         "Reply-To points outside the organisation on a message that looks internal.", "SENDER"),
+    Rule("SENDER_FIRST_SEEN_PERSON", 2.0,
+         "The first message from an outside address that uses an organisation person's display name.",
+         "SENDER"),
+    Rule("SENDER_M365_SPOOF", 3.0,
+         "Microsoft 365, as the previous hop, marked the message as spoofed (CAT:SPOOF or failed "
+         "compauth).", "SENDER"),
+    Rule("SENDER_AUTH_TEMPERROR", 0.1,
+         "SPF, DKIM, DMARC or ARC could not be checked because a DNS lookup failed.", "SENDER"),
     Rule("MIME_LIMIT", 1.0, "A configured scan limit (depth, parts, bytes, pixels, pages) cut the inspection short.",
          "MIME"),
     Rule("SCAN_INCOMPLETE", 0.5, "A part could not be inspected (time budget, decoder error).", "SCAN"),
@@ -88,15 +113,28 @@ RULES: tuple[Rule, ...] = (
     Rule("COMBO_HTML_ATTACHMENT_ACTIVE", 3.0,
          "An HTML attachment together with a redirect, CAPTCHA, atob() or off-site form.", "COMBO"),
     Rule("COMBO_DIRECT_SEND_LURE", 2.0,
-         "A Direct Send spoof with an HTML attachment, an open redirect or an embedded recipient.", "COMBO"),
+         "A Direct Send spoof with an HTML attachment, a CAPTCHA gate, an open redirect or an "
+         "embedded recipient.", "COMBO"),
+    Rule("COMBO_IMPERSONATION_LURE", 2.0,
+         "A display name that poses as a person or service of the organisation, with a QR code URL, "
+         "an HTML attachment or a CAPTCHA gate.", "COMBO"),
+    Rule("COMBO_SELF_ADDRESSED_LURE", 2.0,
+         "Mail from the recipient's own address with a QR code URL, an HTML attachment or a CAPTCHA "
+         "gate.", "COMBO"),
 )
 
 RULES_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES}
 
 _REDIRECTS = frozenset({"REDIRECT_META_REFRESH", "REDIRECT_JS_LOCATION", "HTML_JS_ATOB", "URL_OPEN_REDIRECT"})
 
+# Evidence that an organisation From address was forged.
+_ORG_SPOOFS = frozenset({"SENDER_DIRECT_SEND", "SENDER_M365_SPOOF"})
+# Payloads that take the reader off the mail: a QR code URL, a local HTML
+# file, or a CAPTCHA gate that hides the page from scanners.
+_LURES = frozenset({"QR_URL", "HTML_ATTACHMENT", "CAPTCHA_GATE"})
+
 COMBOS: tuple[Combo, ...] = (
-    Combo("COMBO_QR_DIRECT_SEND", (frozenset({"QR_URL"}), frozenset({"SENDER_DIRECT_SEND"}))),
+    Combo("COMBO_QR_DIRECT_SEND", (frozenset({"QR_URL"}), _ORG_SPOOFS)),
     Combo("COMBO_CAPTCHA_REDIRECT", (frozenset({"CAPTCHA_GATE"}), _REDIRECTS)),
     Combo("COMBO_HTML_ATTACHMENT_ACTIVE", (
         frozenset({"HTML_ATTACHMENT"}),
@@ -104,9 +142,12 @@ COMBOS: tuple[Combo, ...] = (
                    "HTML_FORM_OFFSITE"}),
     )),
     Combo("COMBO_DIRECT_SEND_LURE", (
-        frozenset({"SENDER_DIRECT_SEND"}),
-        frozenset({"HTML_ATTACHMENT", "URL_OPEN_REDIRECT", "URL_RECIPIENT_EMBEDDED"}),
+        _ORG_SPOOFS,
+        frozenset({"HTML_ATTACHMENT", "CAPTCHA_GATE", "URL_OPEN_REDIRECT", "URL_RECIPIENT_EMBEDDED"}),
     )),
+    Combo("COMBO_IMPERSONATION_LURE", (
+        frozenset({"SENDER_DISPLAY_NAME_PERSON", "SENDER_DISPLAY_NAME_SERVICE"}), _LURES)),
+    Combo("COMBO_SELF_ADDRESSED_LURE", (frozenset({"SENDER_FROM_IS_RECIPIENT"}), _LURES)),
 )
 
 Hit = tuple[str, str]
@@ -306,12 +347,63 @@ def _in_org(domain: str, org_domains: Iterable[str]) -> bool:
     return any(domain == org or domain.endswith("." + org) for org in org_domains)
 
 
+def _authenticated(sender: SenderFacts) -> str:
+    """Return which aligned authentication vouches for the From domain, or ""."""
+    if sender.trusted_dmarc_pass:
+        return "trusted Authentication-Results dmarc=pass"
+    if sender.auth is not None and sender.auth.dmarc == "pass":
+        return "dmarc=pass"
+    if sender.auth is not None and sender.auth.arc_dmarc_pass:
+        return "trusted ARC sealer dmarc=pass"
+    microsoft = sender.microsoft
+    if microsoft is not None and microsoft.counted and microsoft.auth_as == "internal":
+        return "Microsoft 365 AuthAs=Internal"
+    return ""
+
+
+def _failing(sender: SenderFacts) -> str:
+    """Return why the sender fails authentication, or "" when it passes or was not checked."""
+    if _authenticated(sender):
+        return ""
+    auth = sender.auth
+    if auth is not None and auth.dmarc == "fail":
+        return f"dmarc=fail (p={auth.dmarc_policy})"
+    spf = auth.result("spf") if auth is not None else None
+    if spf is not None and spf.result in ("fail", "softfail"):
+        return f"spf={spf.result}"
+    if sender.microsoft is not None and sender.microsoft.spoof:
+        return f"Microsoft 365: {sender.microsoft.spoof}"
+    return ""
+
+
+def _auth_summary(sender: SenderFacts) -> str:
+    """Return our DNS results (or why there are none) and any ignored Microsoft headers, for evidence."""
+    parts = []
+    if sender.auth is None:
+        parts.append("no DNS checks")
+    else:
+        for check in sender.auth.checks:
+            if check.method == "dmarc" and sender.auth.dmarc_policy:
+                parts.append(f"dmarc={check.result} (p={sender.auth.dmarc_policy})")
+            else:
+                parts.append(f"{check.method}={check.result}")
+    if sender.microsoft is not None and not sender.microsoft.counted:
+        parts.append(sender.microsoft.note)
+    return ", ".join(parts)
+
+
+def _from_outside(sender: SenderFacts) -> bool:
+    return sender.original_ip is not None and sender.ip_source in _OUTSIDE_IP_SOURCES
+
+
 def check_sender(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
     """The Direct Send pattern: an organisation From address sent from outside.
 
     Microsoft 365 Direct Send and open relays let anyone deliver mail with
     the organisation's own From address. Genuine internal mail either stays
-    inside the trusted networks or carries a DMARC pass from a trusted hop.
+    inside the trusted networks or carries aligned authentication: DMARC
+    pass from our own checks, from a trusted hop or from a trusted ARC
+    sealer, or Microsoft's AuthAs=Internal from a Microsoft connector.
     """
     sender = facts.sender
     org_domains = config["org.domains"]
@@ -321,15 +413,85 @@ def check_sender(facts: MessageFacts, envelope: Envelope, config: Config) -> Ite
     domain = sender.from_domain.lower().rstrip(".")
     if not _in_org(domain, org_domains):
         return
-    if sender.original_ip is None or sender.ip_source not in _OUTSIDE_IP_SOURCES:
-        return
-    if sender.trusted_dmarc_pass:
+    if not _from_outside(sender) or _authenticated(sender):
         return
 
     yield "SENDER_DIRECT_SEND", (
         f"From {clip(sender.from_address or domain, 120)} via {sender.original_ip} "
-        f"({sender.ip_source}), no trusted DMARC pass"
+        f"({sender.ip_source}), no aligned authentication: {clip(_auth_summary(sender), 300)}"
     )
+
+
+def check_sender_authentication(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
+    """DNS failures during the checks, DMARC p=none failures on our domains, and Microsoft's spoof verdict."""
+    sender = facts.sender
+    if sender is None:
+        return
+
+    if sender.auth is not None:
+        for temperror in sender.auth.temperrors:
+            yield "SENDER_AUTH_TEMPERROR", clip(temperror)
+
+    domain = (sender.from_domain or "").lower().rstrip(".")
+    auth = sender.auth
+    if auth is not None and auth.dmarc == "fail" and auth.dmarc_policy == "none" and domain \
+            and _in_org(domain, config["org.domains"]) and not auth.arc_dmarc_pass:
+        yield "SENDER_DMARC_FAIL_NONE", f"From {clip(sender.from_address or domain, 120)}: {_auth_summary(sender)}"
+
+    if sender.microsoft is not None and sender.microsoft.spoof:
+        yield "SENDER_M365_SPOOF", f"{sender.microsoft.spoof}; {sender.microsoft.note}"
+
+
+def check_sender_identity(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
+    """Names and addresses that pose as the organisation or the reader.
+
+    - From equal to a recipient: skipped when authentication aligns, since
+      a user may mail themselves through the organisation's own servers.
+    - A display name of a person or an internal service, from outside the
+      organisation or failing authentication.
+    - Reply-To outside the organisation on a message that looks internal.
+    - The first message from an outside address using a person's name.
+    """
+    sender = facts.sender
+    if sender is None or not sender.from_address:
+        return
+    address = sender.from_address.lower()
+    org_domains = config["org.domains"]
+    domain = (sender.from_domain or "").lower().rstrip(".")
+    internal_domain = bool(org_domains) and _in_org(domain, org_domains)
+    # Without [org] domains nothing can be called outside, so only failing
+    # authentication makes a name an impersonation.
+    external = bool(org_domains) and not internal_domain
+    failing = _failing(sender)
+    unauthenticated_org = internal_domain and _from_outside(sender) and not _authenticated(sender)
+
+    recipients = {recipient.lower() for recipient in envelope.rcpt_tos}
+    if address in recipients and not _authenticated(sender):
+        yield "SENDER_FROM_IS_RECIPIENT", f"From {clip(sender.from_address, 120)} is a recipient"
+
+    why = "outside the organisation" if external else failing or (
+        "organisation domain from outside without authentication" if unauthenticated_org else "")
+    person = match_person(sender.display_name, people(config))
+    if person and why:
+        yield "SENDER_DISPLAY_NAME_PERSON", (
+            f"display name {clip(sender.display_name, 80)!r} matches {person!r}, "
+            f"sender {clip(sender.from_address, 120)} {why}")
+    service = match_service(sender.display_name)
+    if service and why:
+        yield "SENDER_DISPLAY_NAME_SERVICE", (
+            f"display name {clip(sender.display_name, 80)!r} poses as {service}, "
+            f"sender {clip(sender.from_address, 120)} {why}")
+
+    looks_internal = internal_domain or person or service
+    outside_reply = [reply for reply in sender.reply_to
+                     if org_domains and not _in_org(reply.rpartition("@")[2], org_domains)]
+    if looks_internal and outside_reply:
+        yield "SENDER_REPLY_TO_EXTERNAL", (
+            f"From {clip(sender.from_address, 120)}, Reply-To {clip(', '.join(outside_reply), 120)}")
+
+    if person and external and sender.first_seen:
+        yield "SENDER_FIRST_SEEN_PERSON", (
+            f"first message from {clip(sender.from_address, 120)} with display name {person!r}")
 
 
 def check_scan_problems(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
@@ -354,5 +516,7 @@ CHECKS: tuple[Check, ...] = (
     check_html,
     check_pdfs,
     check_sender,
+    check_sender_authentication,
+    check_sender_identity,
     check_scan_problems,
 )
