@@ -40,11 +40,23 @@ from quishguard.postfix_config import PostfixSettings, write_postfix_config
 DELIVERY_TIMEOUT = 30.0
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """Return a TCP port on 127.0.0.1 that was free a moment ago and not returned before.
+
+    The kernel may offer a port again as soon as the probe closes it, so a
+    test that asks for a filter port and then for Postfix's ports could get
+    the same one twice without the record of ports handed out.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def postfix_unavailable_reason() -> str | None:
@@ -249,8 +261,6 @@ def new_instance(mode: str, filter_port: int, **overrides: Any) -> PostfixInstan
     root = Path(tempfile.mkdtemp(prefix="qgpf-", dir="/tmp"))
     root.chmod(0o755)
     public_port, reinject_port = free_port(), free_port()
-    while reinject_port == public_port:
-        reinject_port = free_port()
     settings = PostfixSettings.loopback_test(root, mode=mode, public_port=public_port,
                                              reinject_port=reinject_port, filter_port=filter_port,
                                              **overrides)

@@ -237,7 +237,8 @@ class QuarantinePage:
                      f'<input type="hidden" name="csrf" value="{text(session.csrf)}">'
                      f'<button type="submit">Log out</button></form>')
         shown = f"the newest {len(messages)} of " if held > len(messages) else ""
-        parts.append(f"<p>Showing {shown}{held} held messages.</p>")
+        noun = "message" if held == 1 else "messages"
+        parts.append(f"<p>Showing {shown}{held} held {noun}.</p>")
         if messages:
             parts.append("<table><thead><tr><th>Received (UTC)</th><th>Envelope</th>"
                          "<th>From / Subject</th><th>Score</th><th>Findings</th>"

@@ -78,10 +78,17 @@ async def port_hop() -> AsyncIterator[PortHop]:
     await hop.stop()
 
 
-async def wait_listening(port: int, timeout: float = 60.0) -> None:
-    """Wait until a TCP connection to 127.0.0.1:`port` succeeds; raise TimeoutError after `timeout` s."""
+async def wait_listening(port: int, timeout: float = 60.0,
+                         process: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until a TCP connection to 127.0.0.1:`port` succeeds.
+
+    Raise TimeoutError after `timeout` seconds, or at once when `process`
+    (the server expected to listen) has exited.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise TimeoutError(f"the server for 127.0.0.1:{port} exited with {process.returncode}")
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
@@ -134,7 +141,7 @@ class ServeProcess:
             self.process = subprocess.Popen([*QUISHGUARD, "serve", "--config", str(self.config_file)],
                                             stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         try:
-            await wait_listening(self.listen_port)
+            await wait_listening(self.listen_port, process=self.process)
         except TimeoutError as error:
             raise TimeoutError(f"{error}; quishguard serve log:\n{self.log_text()[-3000:]}") from None
 
