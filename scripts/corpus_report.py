@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -64,6 +65,8 @@ HAM_GOAL = 0.01
 INCOMPLETE_RULE = "SCAN_INCOMPLETE"
 TOP_RULES = 3
 MISS_URL_PREFIXES = 8
+# The text report names at most this many incomplete scans; --json lists all of them.
+MAX_LISTED_INCOMPLETE = 50
 
 _SCHEME = re.compile(r"\b(h)tt(ps?)(?=:)", re.IGNORECASE)
 
@@ -80,7 +83,9 @@ class Label:
 
 
 @dataclasses.dataclass(frozen=True)
-class Verdict:
+class ScanRecord:
+    """One line of `quishguard scan --format json` output, keyed by the path relative to the corpus."""
+
     file: str
     score: float
     action: str
@@ -159,18 +164,27 @@ def read_labels(path: Path) -> dict[str, Label]:
     return labels
 
 
-def parse_verdict(line: str, corpus: Path) -> Verdict:
+def parse_verdict(line: str, corpus: Path) -> ScanRecord:
     record = json.loads(line)
     file = Path(os.path.relpath(record["path"], corpus)).as_posix()
     findings = tuple((f["rule"], float(f["score"]), str(f.get("detail", "")))
                      for f in record.get("findings", []))
-    return Verdict(file, float(record["score"]), record["action"], findings,
+    return ScanRecord(file, float(record["score"]), record["action"], findings,
                    len(record.get("qr", [])), float(record.get("seconds", 0.0)),
                    tuple(str(u) for u in record.get("urls", [])))
 
 
-def run_scan(corpus: Path, config: str | None, timeout: float) -> tuple[list[Verdict], float, int]:
-    """Run `quishguard scan` on `corpus`; return the verdicts, the wall seconds and the exit code."""
+@dataclasses.dataclass(frozen=True)
+class ScanRun:
+    verdicts: list[ScanRecord]
+    wall_seconds: float
+    cpu_seconds: float
+    returncode: int
+
+
+def run_scan(corpus: Path, config: str | None, timeout: float) -> ScanRun:
+    """Run `quishguard scan` on `corpus` and collect its verdicts, wall time and CPU time."""
+    # Without --dns the scan makes no DNS lookup, so no query leaves the machine.
     command = [sys.executable, "-m", "quishguard", "scan", "--format", "json",
                "--log-level", "warning"]
     if config:
@@ -178,6 +192,7 @@ def run_scan(corpus: Path, config: str | None, timeout: float) -> tuple[list[Ver
     command.append(str(corpus))
 
     started = time.perf_counter()
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         completed = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    text=True, encoding="utf-8", timeout=timeout, cwd=REPO_ROOT)
@@ -185,6 +200,9 @@ def run_scan(corpus: Path, config: str | None, timeout: float) -> tuple[list[Ver
         raise ReportError(f"quishguard scan timed out after {timeout:.0f} s. Raise --timeout "
                           "or scan fewer messages") from error
     wall = time.perf_counter() - started
+    # The decoder workers are reaped by quishguard, so their CPU time is in its children's usage.
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
 
     verdicts = []
     for line in completed.stdout.splitlines():
@@ -195,7 +213,7 @@ def run_scan(corpus: Path, config: str | None, timeout: float) -> tuple[list[Ver
         except (ValueError, KeyError, TypeError) as error:
             print(f"corpus_report: skipping an unreadable scan output line ({type(error).__name__}: "
                   f"{error}): {line[:120]!r}", file=sys.stderr)
-    return verdicts, wall, completed.returncode
+    return ScanRun(verdicts, wall, cpu, completed.returncode)
 
 
 # Figures.
@@ -210,8 +228,9 @@ def percentile(sorted_values: list[float], fraction: float) -> float | None:
     return sorted_values[lower] + (sorted_values[upper] - sorted_values[lower]) * (position - lower)
 
 
-def build_figures(labels: dict[str, Label], verdicts: list[Verdict], wall: float,
-                  corpus: Path, config: str | None, machine: dict[str, object]) -> dict[str, object]:
+def build_figures(labels: dict[str, Label], run: ScanRun, corpus: Path, config: str | None,
+                  machine: dict[str, object]) -> dict[str, object]:
+    verdicts = run.verdicts
     by_file = {v.file: v for v in verdicts}
     scanned = [(labels[v.file], v) for v in verdicts if v.file in labels]
     phish = [(label, v) for label, v in scanned if label.label == PHISH]
@@ -270,7 +289,8 @@ def build_figures(labels: dict[str, Label], verdicts: list[Verdict], wall: float
         "qr": {"payloads": sum(v.qr_payloads for v in verdicts),
                "messages": sum(v.qr_payloads > 0 for v in verdicts)},
         "rules": rules_sorted,
-        "scan_wall_seconds": round(wall, 2),
+        "scan_wall_seconds": round(run.wall_seconds, 2),
+        "scan_cpu_seconds": round(run.cpu_seconds, 2),
         "scan_seconds_per_message": {
             "p50": _rounded(percentile(seconds, 0.50)),
             "p95": _rounded(percentile(seconds, 0.95)),
@@ -317,7 +337,7 @@ def goal_text(value: float | None, goal: float, at_least: bool) -> str:
     return f"goal {sign} {goal * 100:.0f} %: {'met' if met else 'NOT met'}"
 
 
-def print_report(figures: dict, verdicts: list[Verdict], labels: dict[str, Label],
+def print_report(figures: dict, verdicts: list[ScanRecord], labels: dict[str, Label],
                  show_misses: bool) -> None:
     phish, ham = figures["phish"], figures["ham"]
     featured = figures["featured_phish"]
@@ -361,8 +381,13 @@ def print_report(figures: dict, verdicts: list[Verdict], labels: dict[str, Label
     print(f"scan wall time: {figures['scan_wall_seconds']:.1f} s for {figures['messages']} messages, "
           f"including worker start-up (per message p50 {_seconds(timing['p50'])}, "
           f"p95 {_seconds(timing['p95'])}, max {_seconds(timing['max'])})")
+    print(f"scan CPU time (user + system, quishguard and its decoder workers): "
+          f"{figures['scan_cpu_seconds']:.1f} s")
     incomplete = figures["scan_incomplete"]
-    print(f"messages with {INCOMPLETE_RULE} ({len(incomplete)}): {', '.join(incomplete) or 'none'}")
+    listed = ", ".join(incomplete[:MAX_LISTED_INCOMPLETE]) or "none"
+    hidden = len(incomplete) - MAX_LISTED_INCOMPLETE
+    more = f" and {hidden} more (--json FILE lists them all)" if hidden > 0 else ""
+    print(f"messages with {INCOMPLETE_RULE} ({len(incomplete)}): {listed}{more}")
     print()
 
     print(f"{'rule':<36} {'phish':>6} {'ham':>6}")
@@ -377,7 +402,7 @@ def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f} s"
 
 
-def print_misses(verdicts: list[Verdict], labels: dict[str, Label]) -> None:
+def print_misses(verdicts: list[ScanRecord], labels: dict[str, Label]) -> None:
     misses = [(labels[v.file], v) for v in verdicts
               if v.file in labels and labels[v.file].label == PHISH
               and is_featured(labels[v.file].features) and v.action not in TAG_OR_WORSE]
@@ -443,18 +468,18 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = machine_facts()
     try:
-        verdicts, wall, returncode = run_scan(corpus, args.config, args.timeout)
+        run = run_scan(corpus, args.config, args.timeout)
     except ReportError as error:
         print(f"corpus_report: {error}", file=sys.stderr)
         return 1
     # `quishguard scan` exits 2 when some files could not be read but the others were scanned.
-    if returncode not in (0, 2) or not verdicts:
-        print(f"corpus_report: quishguard scan exited with code {returncode} and "
-              f"{len(verdicts)} verdicts; see its messages above", file=sys.stderr)
+    if run.returncode not in (0, 2) or not run.verdicts:
+        print(f"corpus_report: quishguard scan failed with exit code {run.returncode} and "
+              f"{len(run.verdicts)} verdicts; see its messages above", file=sys.stderr)
         return 1
 
-    figures = build_figures(labels, verdicts, wall, corpus, args.config, machine)
-    print_report(figures, verdicts, labels, args.misses)
+    figures = build_figures(labels, run, corpus, args.config, machine)
+    print_report(figures, run.verdicts, labels, args.misses)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(figures, handle, indent=2)

@@ -53,7 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(scan)
     scan.add_argument("--format", choices=["text", "json"], default="text",
                       help="text: one line per message; json: JSON Lines with findings, QR codes and URLs")
+    scan.add_argument("--dns", action="store_true",
+                      help="check SPF, DKIM, DMARC and ARC with DNS lookups to [dns] servers (default: no lookups)")
     scan.add_argument("paths", nargs="+", metavar="PATH", help=".eml file or folder (every *.eml below)")
+
+    audit = commands.add_parser("audit", help="check delivered mail for the hop's stamp and unauthenticated "
+                                              "organisation senders")
+    audit.add_argument("--config", metavar="FILE", help="TOML configuration file with [stamp] secret and [org]")
+    audit.add_argument("--format", choices=["text", "json"], default="text",
+                       help="text: one line per message; json: JSON Lines")
+    audit.add_argument("paths", nargs="+", metavar="PATH",
+                       help=".eml file, folder of .eml files, mbox file or Maildir folder")
 
     quarantine = commands.add_parser("quarantine", help="list, show, release or delete quarantined mail")
     _common(quarantine)
@@ -135,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sink":
             return asyncio.run(_sink(config))
         if args.command == "scan":
-            return asyncio.run(_scan(config, [Path(p) for p in args.paths], args.format))
+            return asyncio.run(_scan(config, [Path(p) for p in args.paths], args.format,
+                                     dns=args.dns))
+        if args.command == "audit":
+            return _audit(config, [Path(p) for p in args.paths], args.format)
         if args.command == "tune":
             return _tune(config, args)
         if args.command == "quarantine":
@@ -146,6 +159,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_FAILURE
     return EXIT_FAILURE
+
+
+def _audit(config: Config, paths: list[Path], output_format: str) -> int:
+    from .audit import audit_paths, format_text
+
+    secret = config["stamp.secret"]
+    if not secret:
+        print("quishguard: audit needs [stamp] secret, the key the hop stamps with; pass --config FILE",
+              file=sys.stderr)
+        return EXIT_INPUT
+
+    passed_all = True
+    unreadable = False
+    for record in audit_paths(paths, config):
+        if record.error:
+            unreadable = True
+            print(f"quishguard: cannot audit {record.path}: {record.error}", file=sys.stderr)
+            continue
+        passed_all = passed_all and record.stamp == "valid"
+        if output_format == "json":
+            print(json.dumps(record.as_json(), ensure_ascii=False, separators=(",", ":")))
+        else:
+            print(format_text(record))
+        sys.stdout.flush()
+    if unreadable:
+        return EXIT_INPUT
+    return EXIT_OK if passed_all else EXIT_FAILURE
 
 
 def _rules() -> int:
@@ -180,7 +220,7 @@ async def _serve(config: Config) -> int:
         relay = config["sink.listen"]
         log.info("event=no_next_hop_configured using=local_sink folder=%s", config.data_dir / "sink")
 
-    scanner = Scanner(config)
+    scanner = Scanner.for_hop(config)
     await scanner.start()
     operations: list = []
     try:
@@ -240,7 +280,7 @@ async def _milter(config: Config) -> int:
     from .quarantine import QuarantineStore
 
     store = QuarantineStore(config.data_dir)
-    scanner = Scanner(config)
+    scanner = Scanner.for_hop(config)
     await scanner.start()
     try:
         server = await start_milter_server(config, scanner, store)
@@ -279,14 +319,16 @@ def scan_record(path: Path, result) -> dict:
     }
 
 
-async def _scan(config: Config, paths: list[Path], output_format: str) -> int:
+async def _scan(config: Config, paths: list[Path], output_format: str, dns: bool = False) -> int:
+    from .dns_resolver import DnsResolver
     from .pipeline import scan_files, scan_paths
 
     files, errors = scan_paths(paths)
     for path, reason in errors:
         print(f"quishguard: cannot scan {path}: {reason}", file=sys.stderr)
 
-    async for path, result in scan_files(files, config):
+    resolver = DnsResolver.from_config(config) if dns else None
+    async for path, result in scan_files(files, config, resolver=resolver):
         if isinstance(result, str):
             errors.append((path, result))
             print(f"quishguard: {result}", file=sys.stderr)
@@ -369,7 +411,7 @@ def _quarantine(config: Config, args: argparse.Namespace) -> int:
 async def release(store, quarantine_id: str, config: Config) -> str:
     """Relay a held message to the next hop with the verdict and Released headers, then mark it released."""
     from .milter.relay import relay_message
-    from .stamp import verdict_headers, edit_message
+    from .stamp import edit_message, stamp_field, stamp_secret, verdict_headers
 
     item = store.get(quarantine_id)
     if item.status != "held":
@@ -384,6 +426,9 @@ async def release(store, quarantine_id: str, config: Config) -> str:
     added = verdict_headers(item.verdict, prefix) + [
         f"{prefix}Released: {stamp_time} quarantine id {quarantine_id}\r\n".encode("ascii"),
     ]
+    secret = stamp_secret(config)
+    if secret is not None:
+        added.append(stamp_field(raw, item.rcpt_tos, item.verdict.action.label, secret, prefix))
     message = edit_message(raw, prefix=prefix, added=added)
     code, text = await relay_message(host, port, item.mail_from, list(item.rcpt_tos), message,
                                      timeout=config["smtp.relay_timeout"],

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .decoders.generators import DEFAULT_QR_GENERATORS, parse_generator
 from .errors import ConfigError
 
 MiB = 1024 * 1024
@@ -59,6 +60,14 @@ def _integer(minimum: int) -> Callable[[str, Any], int]:
         return value
 
     return check
+
+
+def _memory_limit(name: str, value: Any) -> int:
+    # Below this the decoder libraries alone do not fit and no worker starts.
+    minimum = 1024
+    if isinstance(value, bool) or not isinstance(value, int) or (value != 0 and value < minimum):
+        raise _fail(name, value, f"0 (no limit) or an integer >= {minimum}")
+    return value
 
 
 def _optional_number(name: str, value: Any) -> float | None:
@@ -208,6 +217,16 @@ def _stamp_secret(name: str, value: Any) -> str:
     return text
 
 
+def _qr_generators(name: str, value: Any) -> tuple[str, ...]:
+    entries = _string_list(name, value)
+    for entry in entries:
+        try:
+            parse_generator(entry)
+        except ValueError as error:
+            raise _fail(name, entry, str(error)) from None
+    return entries
+
+
 LOOPBACK = ["127.0.0.0/8", "::1/128"]
 
 OPTIONS: tuple[Option, ...] = (
@@ -245,6 +264,10 @@ OPTIONS: tuple[Option, ...] = (
            _choice("accept", "tempfail")),
     Option("scan", "workers", 0, "processes",
            "Decoder worker processes. 0: one per CPU core.", _integer(0)),
+    Option("scan", "worker_memory_mb", 2048, "MiB",
+           "Address space limit (RLIMIT_AS) of each decoder worker, including about 650 MiB of "
+           "decoder libraries. A part that needs more fails as SCAN_INCOMPLETE. 0: no limit.",
+           _memory_limit),
     Option("scan", "max_mime_depth", 10, "levels",
            "Deepest nesting of multipart and message/rfc822 parts inspected.", _integer(1)),
     Option("scan", "max_parts", 200, "parts",
@@ -264,6 +287,15 @@ OPTIONS: tuple[Option, ...] = (
            "max_image_pixels.", _integer(36)),
     Option("scan", "max_urls", 500, "URLs",
            "Most URLs kept per message.", _integer(1)),
+    Option("scan", "image_seconds", 2.0, "seconds",
+           "Time allowed to decode one image, PDF or archive. Past it the worker is "
+           "killed, the part gets a SCAN_INCOMPLETE finding and the message's other "
+           "parts are still decoded.", _number(0.1)),
+    Option("scan", "qr_generators", list(DEFAULT_QR_GENERATORS), "list",
+           "QR-generator services whose image URL carries the payload, as "
+           "`host/path-prefix?parameter[&key=value]` (for example "
+           "`api.qrserver.com/v1/create-qr-code?data`). The payload is read from the "
+           "URL; nothing is fetched.", _qr_generators),
     Option("scan", "open_redirectors", [], "list",
            "Extra open-redirector patterns, as `host/path-prefix` (for example "
            "`redirect.example.com/out`), added to the built-in list.", _string_list),

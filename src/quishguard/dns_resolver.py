@@ -54,7 +54,7 @@ class DnsResolver:
     """A configured stub resolver; `lookup()` starts the budget of one message.
 
     Front ends build one with `DnsResolver.from_config(config)` and pass it to
-    `pipeline.Scanner`. The resolver holds no state between messages.
+    `pipeline.Scanner`. The resolver keeps no state between messages.
     """
 
     def __init__(self, servers: tuple[str, ...] = (), timeout: float = 2.0, budget: float = 5.0) -> None:
@@ -139,7 +139,7 @@ class DnsLookup:
         except dns.exception.Timeout as error:
             raise DnsTempError(f"{rdtype} {name} timed out") from error
         except dns.resolver.NoNameservers as error:
-            raise DnsTempError(f"{rdtype} {name} failed: every server answered with an error") from error
+            raise DnsTempError(f"{rdtype} {name} failed: every server returned an error (SERVFAIL or REFUSED)") from error
         except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong) as error:
             # An invalid name cannot exist in the DNS, so it is a void lookup.
             log.debug("event=dns_invalid_name name=%r error=%s", name, error)

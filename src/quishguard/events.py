@@ -67,7 +67,7 @@ SYSLOG_TCP_TIMEOUT = 5.0
 
 @dataclass(frozen=True)
 class VerdictEvent:
-    """What a front end knows about one message once its action is carried out.
+    """One scanned message as the front end reports it, after the action was carried out.
 
     `reply` is the SMTP reply (or milter response) sent for the message; a
     `session_id` is ours, a `queue_id` is the upstream MTA's (XFORWARD IDENT
@@ -111,7 +111,8 @@ def emit_verdict(*, session_id: str, envelope: Envelope, result: ScanResult, rep
 
     Call it once per message after the action was carried out. It never
     raises: a failing listener is logged, because the message was already
-    delivered, stored or refused and must not be answered twice.
+    delivered, stored or refused, and an exception here would send the
+    client a second reply.
     """
     event = VerdictEvent(datetime.now(timezone.utc), session_id, queue_id, envelope, result,
                          reply, front_end)

@@ -5,7 +5,7 @@ counts messages by action, findings by rule, relay errors and incomplete
 scans, and observes the scan time of each pipeline stage. The quarantine size
 and the worker restarts are read when Prometheus scrapes, so they are never
 stale. The endpoint serves `/metrics` on `[metrics] listen` in the format
-the scraper's Accept header asks for (Prometheus text or OpenMetrics); it has
+the scraper's Accept header requests (Prometheus text or OpenMetrics); it has
 no authentication, so bind it to loopback or a monitoring network only.
 
 Metric names follow the Prometheus naming guide: a `quishguard_` prefix,
@@ -15,6 +15,7 @@ base units (seconds), and `_total` on counters.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable, Iterator
 
@@ -81,8 +82,8 @@ class Metrics:
                                         "or a failed rule.", registry=self.registry)
         self.registry.register(_LiveValues(held_count, worker_restarts))
 
-        # Export every action and stage from the start, so rate() sees a 0
-        # before the first message of a kind.
+        # Export every action and stage from the start, so rate() has a 0
+        # sample before the first message of a kind.
         for action in Action:
             self.messages.labels(action=action.label)
         for stage in STAGES:
@@ -141,6 +142,17 @@ async def start_metrics(config: Config, *, held_count: Callable[[], int] | None 
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0]
+    if not _is_loopback(host):
+        log.warning("event=metrics_not_loopback address=%s:%d reason=%s", host, port,
+                    "no TLS and no login; bind to loopback unless a firewall or a "
+                    "container network limits who can connect")
     add_listener(metrics)
     log.info("event=metrics_listening address=%s:%d", bound[0], bound[1])
     return MetricsServer(metrics, runner, (bound[0], bound[1]))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -48,6 +48,8 @@ class ScanLimits:
     max_pdf_pages: int = 20
     pdf_dpi: int = 150
     max_urls: int = 500
+    image_seconds: float = 2.0
+    qr_generators: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,8 @@ class QrCode:
 @dataclass(frozen=True)
 class Link:
     """A URL found in the message. `source` says how it was found:
-    html-href, html-form, html-meta-refresh, html-script, text, pdf-link,
-    pdf-text."""
+    html-href, html-saferedirecturl, html-text, html-form, html-meta-refresh,
+    html-script, text, pdf-link, pdf-launch, pdf-text."""
 
     url: str
     location: str
@@ -180,6 +182,21 @@ class ScanProblem:
     location: str
     kind: str
     reason: str
+
+
+@dataclass(frozen=True)
+class MimeAnomaly:
+    """A MIME or header construct that mail readers may interpret differently, hiding content from filters.
+
+    `kind` is one of: parser-mismatch (the two MIME readers found different
+    parts), duplicate-boundary, double-content-type, unclosed-multipart,
+    broken-encoding, header-nesting (address comments nested deeply enough
+    to exhaust a recursive parser), long-header-line.
+    """
+
+    location: str
+    kind: str
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -274,6 +291,7 @@ class MessageFacts:
     html: list[HtmlFacts] = field(default_factory=list)
     pdfs: list[PdfFacts] = field(default_factory=list)
     problems: list[ScanProblem] = field(default_factory=list)
+    mime_anomalies: list[MimeAnomaly] = field(default_factory=list)
     sender: SenderFacts | None = None
 
     def merge(self, other: PartialFacts) -> None:

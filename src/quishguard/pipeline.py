@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import Config
 from .decoders.auth import evaluate_auth, microsoft_evidence
-from .decoders.sender import judge_sender
+from .decoders.sender import get_addresses, judge_sender
 from .dns_resolver import DnsResolver
 from .model import (Action, Envelope, MessageFacts, OrgPolicy, ScanLimits, ScanProblem, SenderFacts,
                     Verdict)
@@ -50,6 +50,8 @@ def scan_limits(config: Config) -> ScanLimits:
         max_pdf_pages=config["scan.max_pdf_pages"],
         pdf_dpi=config["scan.pdf_dpi"],
         max_urls=config["scan.max_urls"],
+        image_seconds=config["scan.image_seconds"],
+        qr_generators=config["scan.qr_generators"],
     )
 
 
@@ -66,8 +68,6 @@ def org_policy(config: Config) -> OrgPolicy:
 def envelope_from_headers(facts: MessageFacts) -> Envelope:
     """Build the envelope `scan` uses: sender from Return-Path, recipients from
     Delivered-To or X-Original-To, else To and Cc."""
-    from email.utils import getaddresses
-
     def values(name: str) -> list[str]:
         return [v for k, v in facts.headers if k.lower() == name]
 
@@ -79,7 +79,7 @@ def envelope_from_headers(facts: MessageFacts) -> Envelope:
     recipients: list[str] = []
     for names in (("delivered-to", "x-original-to"), ("to", "cc")):
         found = [v for name in names for v in values(name)]
-        recipients = [addr for _, addr in getaddresses(found) if "@" in addr]
+        recipients = [addr for _, addr in get_addresses(found) if "@" in addr]
         if recipients:
             break
     return Envelope(mail_from=sender, rcpt_tos=tuple(dict.fromkeys(a.lower() for a in recipients)))
@@ -93,7 +93,7 @@ class Scanner:
         self.config = config
         self.limits = scan_limits(config)
         self.org = org_policy(config)
-        self.pool = pool or WorkerPool(config.workers)
+        self.pool = pool or WorkerPool(config.workers, memory_mb=config["scan.worker_memory_mb"])
         self._own_pool = pool is None
         # Without a resolver no DNS lookup is made (`scan` without --dns);
         # without a sender history nothing is written (`scan`).

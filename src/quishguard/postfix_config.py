@@ -77,8 +77,7 @@ class PostfixSettings:
         """Settings for a private instance under `root` that only listens on 127.0.0.1.
 
         Retries are seconds apart so a deferred message comes back within a
-        test, and Postfix's own bare-newline check is off so that quishguard's
-        check is the one exercised.
+        test.
         """
         values: dict[str, object] = dict(
             mode=mode,
@@ -92,7 +91,6 @@ class PostfixSettings:
             public_listen=f"127.0.0.1:{public_port}",
             reinject_listen=f"127.0.0.1:{reinject_port}",
             smtp_bind_address="127.0.0.1",
-            forbid_bare_newline="no",
             queue_run_delay="2s",
             minimal_backoff_time="2s",
             maximal_backoff_time="4s",

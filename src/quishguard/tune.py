@@ -75,7 +75,7 @@ class TuneError(QuishguardError):
 
 @dataclass(frozen=True)
 class TuneOptions:
-    """What `quishguard tune` was asked to do; `tag_fpr` None means 10 x `target_fpr`."""
+    """Arguments of one tuning run; `tag_fpr` None means 10 x `target_fpr`."""
 
     paths: list[Path]
     labels: Path | None = None
@@ -622,7 +622,7 @@ def draw_histogram(path: Path, bins: list[tuple[float, int, int]], report: TuneR
     axes.set_yscale("symlog", linthresh=1)
     axes.set_ylabel("messages (log scale)")
     axes.set_title("Score distribution by label")
-    axes.legend(loc="upper center")
+    axes.legend(loc="upper right")
     figure.tight_layout()
     figure.savefig(path, format="png")
 

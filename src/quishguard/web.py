@@ -29,6 +29,7 @@ or a TLS reverse proxy.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import hmac
 import html
 import logging
@@ -397,5 +398,16 @@ async def start_web(config: Config, store: QuarantineStore,
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0]
+    if not _is_loopback(host):
+        log.warning("event=web_not_loopback address=%s:%d reason=%s", host, port,
+                    "no TLS and a token login; bind to loopback unless a firewall or a "
+                    "container network limits who can connect")
     log.info("event=web_listening address=%s:%d", bound[0], bound[1])
     return WebServer(runner, (bound[0], bound[1]))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

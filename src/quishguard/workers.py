@@ -10,11 +10,15 @@ messages in flight are not affected.
 
 One message is one job. The worker sends its results part by part over a
 pipe, so when a job is cut short the pipeline keeps what was already found
-and names the part that was being decoded:
+and names the part that was being decoded. Each part also has its own
+limit (`ScanLimits.image_seconds`, per image or PDF page): a worker that
+overruns it is killed, that part is reported, and a fresh worker decodes
+the message's remaining parts from the next task index on:
 
-    parent -> worker   ("scan", raw bytes, ScanLimits)
+    parent -> worker   ("scan", raw bytes, ScanLimits, first task index)
     worker -> parent   ("structure", MessageFacts, [task location, ...])
     worker -> parent   ("start", index)           before each heavy part
+    worker -> parent   ("progress", index)        before each further page or member
     worker -> parent   ("part", index, PartialFacts)
     worker -> parent   ("done",)
 """
@@ -26,6 +30,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -39,10 +44,28 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 60.0
 
 
-def _worker_main(conn: multiprocessing.connection.Connection) -> None:
+def _limit_memory(memory_mb: int) -> None:
+    """Cap this process's address space (RLIMIT_AS) at `memory_mb` MiB; 0 leaves it unlimited.
+
+    A decompression bomb then fails with MemoryError (or a decoder error
+    from native code) inside this worker instead of exhausting the host.
+    The limit counts virtual memory, including about 650 MiB of mapped
+    decoder libraries (measured after `preload` with CPython 3.11 on Linux).
+    """
+    if memory_mb <= 0:
+        return
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = memory_mb * 1024 * 1024
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, memory_mb: int = 0) -> None:
     """Run jobs from `conn` until the parent closes it."""
     # The parent handles SIGINT and SIGTERM and stops workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _limit_memory(memory_mb)
 
     from .decoders import TASKS, preload
     from .decoders.structure import analyse_structure
@@ -55,11 +78,13 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
             request = conn.recv()
         except (EOFError, OSError):
             return
-        _, raw, limits = request
-        _run_job(conn, raw, limits, TASKS, analyse_structure)
+        _, raw, limits, first_task = request
+        _run_job(conn, raw, limits, TASKS, analyse_structure, first_task)
 
 
-def _run_job(conn, raw, limits, tasks_registry, analyse_structure) -> None:
+def _run_job(conn, raw, limits, tasks_registry, analyse_structure, first_task: int = 0) -> None:
+    from .decoders import set_progress_callback
+
     try:
         facts, tasks = analyse_structure(raw, limits)
     except Exception as error:  # noqa: BLE001 - reported to the parent as a scan problem
@@ -69,7 +94,10 @@ def _run_job(conn, raw, limits, tasks_registry, analyse_structure) -> None:
     conn.send(("structure", facts, [task.location for task in tasks]))
 
     for index, task in enumerate(tasks):
+        if index < first_task:
+            continue
         conn.send(("start", index))
+        set_progress_callback(lambda index=index: conn.send(("progress", index)))
         decoder = tasks_registry.get(task.kind)
         if decoder is None:
             partial = PartialFacts(problems=[ScanProblem(task.location, "incomplete",
@@ -82,6 +110,15 @@ def _run_job(conn, raw, limits, tasks_registry, analyse_structure) -> None:
                     task.location, "incomplete", f"{task.kind} decoder failed: {type(error).__name__}")])
         conn.send(("part", index, partial))
     conn.send(("done",))
+
+
+def _merge_partial(target: PartialFacts, other: PartialFacts) -> None:
+    target.qr_codes.extend(other.qr_codes)
+    target.links.extend(other.links)
+    target.html.extend(other.html)
+    target.pdfs.extend(other.pdfs)
+    target.problems.extend(other.problems)
+    target.image_count += other.image_count
 
 
 class WorkerLost(Exception):
@@ -97,10 +134,22 @@ class JobResult:
     problems: list[ScanProblem] = field(default_factory=list)
 
 
+@dataclass
+class _Outcome:
+    """How one run of a job on one worker ended: "done", "part_timeout" or "failed"."""
+
+    facts: MessageFacts
+    locations: list[str]
+    parts: PartialFacts
+    kind: str
+    current: int | None
+    reason: str
+
+
 class _Worker:
-    def __init__(self, context: multiprocessing.context.BaseContext) -> None:
+    def __init__(self, context: multiprocessing.context.BaseContext, memory_mb: int = 0) -> None:
         self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=_worker_main, args=(child,), daemon=True,
+        self.process = context.Process(target=_worker_main, args=(child, memory_mb), daemon=True,
                                        name="quishguard-decoder")
         self.process.start()
         child.close()
@@ -141,10 +190,13 @@ class _Worker:
 class WorkerPool:
     """A fixed number of decoder processes; see the module docstring."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, memory_mb: int = 0) -> None:
         if size < 1:
             raise ValueError(f"worker pool size must be at least 1, got {size}")
+        if memory_mb < 0:
+            raise ValueError(f"worker memory limit must be 0 (none) or a number of MiB, got {memory_mb}")
         self.size = size
+        self.memory_mb = memory_mb
         self.restarts = 0
         self._context = multiprocessing.get_context("spawn")
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
@@ -163,7 +215,7 @@ class WorkerPool:
         log.info("event=workers_started count=%d", self.size - len(failures))
 
     async def _spawn(self) -> None:
-        worker = _Worker(self._context)
+        worker = _Worker(self._context, self.memory_mb)
         self._all.add(worker)
         try:
             hello = await worker.receive(time.monotonic() + STARTUP_TIMEOUT)
@@ -221,43 +273,35 @@ class WorkerPool:
             return JobResult(MessageFacts(), False,
                              [ScanProblem("message", "incomplete", "no decoder worker free within the scan budget")])
 
-        facts = MessageFacts()
+        facts: MessageFacts | None = None
         locations: list[str] = []
         finished: set[int] = set()
-        current: int | None = None
-        healthy = False
-        self._busy.add(worker)
-        try:
-            await asyncio.to_thread(worker.conn.send, ("scan", raw, limits))
-            while True:
-                reply = await worker.receive(deadline)
-                kind = reply[0]
-                if kind == "structure":
-                    facts, locations = reply[1], reply[2]
-                elif kind == "start":
-                    current = reply[1]
-                elif kind == "part":
-                    facts.merge(reply[2])
-                    finished.add(reply[1])
-                    current = None
-                elif kind == "done":
-                    healthy = True
-                    worker.jobs += 1
-                    return JobResult(facts, True)
-        except TimeoutError:
-            reason = "scan budget exhausted"
-        except WorkerLost as error:
-            reason = f"decoder worker died ({error})"
-        except (OSError, EOFError) as error:
-            reason = f"decoder worker unreachable ({type(error).__name__})"
-        finally:
-            self._busy.discard(worker)
-            if healthy:
-                self._idle.put_nowait(worker)
-            else:
-                self._replace(worker, "job cut short")
+        problems: list[ScanProblem] = []
+        first_task = 0
+        while True:
+            outcome = await self._run(worker, raw, limits, deadline, first_task, finished)
+            kind, current, reason = outcome.kind, outcome.current, outcome.reason
+            if facts is None:
+                facts, locations = outcome.facts, outcome.locations
+            facts.merge(outcome.parts)
+            if kind == "done":
+                return JobResult(facts, not problems, problems)
+            if kind != "part_timeout" or current is None:
+                break
 
-        problems = []
+            # One part overran its own limit: it is reported, and the parts
+            # after it are decoded by a fresh worker within the message budget.
+            problems.append(ScanProblem(locations[current], "incomplete", reason))
+            finished.add(current)
+            first_task = current + 1
+            try:
+                worker = await self._acquire(deadline)
+            except TimeoutError:
+                reason, current = "no decoder worker free within the scan budget", None
+                break
+
+        facts = facts or MessageFacts()
+
         if not locations and current is None:
             problems.append(ScanProblem("message", "incomplete", reason))
         for index, location in enumerate(locations):
@@ -266,6 +310,59 @@ class WorkerPool:
             elif index not in finished:
                 problems.append(ScanProblem(location, "incomplete", f"not inspected: {reason}"))
         return JobResult(facts, False, problems)
+
+    async def _run(self, worker: _Worker, raw: bytes, limits: ScanLimits, deadline: float, first_task: int,
+                   finished: set[int]) -> _Outcome:
+        """Run one job from task `first_task` on `worker`, which it returns to the pool or replaces.
+
+        Each part gets `limits.image_seconds` from its "start" message (or
+        from its last "progress" message, which a PDF sends per page), never
+        beyond the message `deadline`.
+        """
+        outcome = _Outcome(MessageFacts(), [], PartialFacts(), "failed", None, "")
+        part_deadline: float | None = None
+        healthy = False
+        self._busy.add(worker)
+        try:
+            await asyncio.to_thread(worker.conn.send, ("scan", raw, limits, first_task))
+            while True:
+                wait_until = deadline if part_deadline is None else min(deadline, part_deadline)
+                try:
+                    reply = await worker.receive(wait_until)
+                except TimeoutError:
+                    if part_deadline is not None and part_deadline < deadline:
+                        outcome.kind = "part_timeout"
+                        outcome.reason = f"decoding took longer than image_seconds={limits.image_seconds}"
+                    else:
+                        outcome.reason = "scan budget exhausted"
+                    return outcome
+                kind = reply[0]
+                if kind == "structure":
+                    outcome.facts, outcome.locations = reply[1], reply[2]
+                elif kind in ("start", "progress"):
+                    outcome.current = reply[1]
+                    part_deadline = time.monotonic() + limits.image_seconds
+                elif kind == "part":
+                    _merge_partial(outcome.parts, reply[2])
+                    finished.add(reply[1])
+                    outcome.current = None
+                    part_deadline = None
+                elif kind == "done":
+                    healthy = True
+                    worker.jobs += 1
+                    outcome.kind = "done"
+                    return outcome
+        except WorkerLost as error:
+            outcome.reason = f"decoder worker died ({error})"
+        except (OSError, EOFError) as error:
+            outcome.reason = f"decoder worker unreachable ({type(error).__name__})"
+        finally:
+            self._busy.discard(worker)
+            if healthy:
+                self._idle.put_nowait(worker)
+            else:
+                self._replace(worker, "job cut short")
+        return outcome
 
     async def close(self) -> None:
         """Stop every worker."""

@@ -190,7 +190,7 @@ def test_structure_svg_attachment_inspected():
 
     assert facts.html[0].is_attachment is True
     assert facts.html[0].js_redirects == ("https://svg.example.net/x",)
-    assert [(task.kind, task.hidden_as) for task in tasks] == [("image", "svg")]
+    assert [(task.kind, task.hidden_as) for task in tasks] == [("svg", "svg"), ("image", "svg")]
 
 
 def test_structure_text_links_and_bodies():

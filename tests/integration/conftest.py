@@ -184,7 +184,7 @@ class ServeProcess:
 
 @pytest_asyncio.fixture
 async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., ServeProcess]]:
-    """Return a function `start(listen_port, relay_port, config_text="")` that runs `quishguard serve`."""
+    """Return a coroutine function `start(listen_port, relay_port, config_text="")` that runs `quishguard serve`."""
     started: list[ServeProcess] = []
 
     async def start(listen_port: int, relay_port: int, config_text: str = "") -> ServeProcess:

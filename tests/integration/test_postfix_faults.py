@@ -67,6 +67,16 @@ async def retry_until_delivered(mta: PostfixInstance, subject: str, count: int =
     return mta.mail(subject)
 
 
+def client_messages(queue) -> list:
+    """Return the queued messages from the test client, leaving out Postfix's postmaster notices.
+
+    Postfix reports a before-queue filter that cannot be reached to the
+    postmaster (notify_classes includes "software"), so such a notice may be
+    queued while the client's message is not.
+    """
+    return [item for item in queue if item.sender == "alice@example.net"]
+
+
 def refused_with(result, prefix: str) -> bool:
     return any(reply.startswith(prefix) for reply in result.replies())
 
@@ -82,13 +92,13 @@ async def test_filter_down_then_back(postfix, start_filter, mode):
     if mode == "after-queue":
         assert sent.returncode == 0, sent.transcript
         queue = await mta.wait_for_queue(lambda queued: bool(deferred_reasons(queued)))
-        assert len(queue) == 1
+        assert len(queue) == 1, f"{queue}\n{mta.log_text()}"
         assert "Connection refused" in deferred_reasons(queue)[0]
         assert mta.mail(subject) == []
     else:
         assert sent.returncode != 0
         assert refused_with(sent, "451 4.3.0")
-        assert await mta.queue() == []
+        assert client_messages(await mta.queue()) == []
 
     await start_filter(filter_port, mta.reinject_port)
     if mode == "before-queue":
@@ -156,7 +166,7 @@ async def test_next_hop_down_then_back(postfix, start_filter, port_hop, mode):
     else:
         assert sent.returncode != 0
         assert refused_with(sent, "451 4.4.1")
-        assert await mta.queue() == []
+        assert client_messages(await mta.queue()) == []
 
     await port_hop.start()
     if mode == "before-queue":
@@ -188,7 +198,7 @@ async def test_next_hop_slow_then_fast(postfix, start_filter, port_hop, mode):
     else:
         assert sent.returncode != 0
         assert refused_with(sent, "451 4.4.1")
-        assert await mta.queue() == []
+        assert client_messages(await mta.queue()) == []
     # The slow hop's late acceptance of the abandoned session must not count.
     await asyncio.sleep(port_hop.data_delay)
     assert port_hop.messages == []
@@ -222,7 +232,7 @@ async def test_next_hop_4xx_then_accepts(postfix, start_filter, port_hop, mode):
     else:
         assert sent.returncode != 0
         assert refused_with(sent, "452 4.3.1")
-        assert await mta.queue() == []
+        assert client_messages(await mta.queue()) == []
 
     port_hop.data_reply = None
     if mode == "before-queue":
@@ -250,7 +260,7 @@ async def test_next_hop_5xx_bounced_or_refused(postfix, start_filter, port_hop, 
     if mode == "before-queue":
         assert sent.returncode != 0
         assert refused_with(sent, "554 5.6.0 Message content refused")
-        assert await mta.queue() == []
+        assert client_messages(await mta.queue()) == []
         return
     # Postfix answered 250 already, so the sender gets a bounce (delivered to the catch-all Maildir).
     assert sent.returncode == 0, sent.transcript
@@ -283,7 +293,7 @@ async def test_kill_filter_mid_transaction(postfix, serve, mode):
     else:
         assert sent.returncode != 0
         assert refused_with(sent, "451")
-        assert await mta.queue() == []
+        assert client_messages(await mta.queue()) == []
     assert mta.mail(subject) == []
 
     await server.start()

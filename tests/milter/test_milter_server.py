@@ -32,7 +32,7 @@ from quishguard.milter.server import start_milter_server
 from quishguard.model import Action, Envelope
 from quishguard.pipeline import Scanner, ScanResult
 from quishguard.quarantine import QuarantineStore
-from quishguard.stamp import stamp_message
+from quishguard.stamp import relay_copy, verify_stamp
 
 from ..conftest import make_config
 from ..factories import make_message, qr_png
@@ -298,6 +298,21 @@ async def test_forged_duplicates_deleted_by_index(start_milter):
     changes = [d for c, d in reply.header_edits() if c == p.SMFIR_CHGHEADER]
     assert [struct.unpack(">I", d[:4])[0] for d in changes] == [2, 1]
     assert delivered(raw, reply).get_all("X-Quishguard-Score") == ["0.0"]
+
+
+async def test_stamp_and_forged_results_like_proxy(start_milter):
+    milter = await start_milter(stamp={"secret": "s" * 32}, auth={"authserv_id": "mx.example.com"})
+    raw = make_message(headers={"Authentication-Results": "mx.example.com; dmarc=pass header.from=example.com"})
+
+    reply = await one_message(milter.port, raw)
+
+    fields, body = split_fields(normalise(raw))
+    delivered_bytes = b"".join(apply_edits(fields, reply.header_edits())) + b"\r\n" + body
+    check = verify_stamp(delivered_bytes, b"s" * 32, "X-Quishguard-", ["bob@example.com"])
+    message = email.message_from_bytes(delivered_bytes)
+    assert message.get_all("Authentication-Results") is None
+    assert check.status == "valid"
+    assert check.action == "accept"
 
 
 async def test_tag_changes_subject(start_milter):
@@ -576,9 +591,9 @@ async def test_samples_same_verdict_serve_and_milter(start_milter, start_hop, ne
 
         assert milter_raw == proxy_raw, path.name
         assert verdict == proxy_result.verdict, path.name
-        tag = "[SUSPICIOUS] " if verdict.action is Action.TAG else None
-        assert delivered_bytes == stamp_message(milter_raw, verdict, prefix="X-Quishguard-",
-                                                subject_tag=tag), path.name
+        sender = milter_result.facts.sender
+        assert delivered_bytes == relay_copy(milter_raw, verdict, sender.auth if sender else None,
+                                             ("bob@example.com",), milter.config), path.name
         if verdict.action is Action.QUARANTINE:
             assert proxy_reply[0] == 250, path.name
             assert len(next_hop.messages) == relayed_before, path.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import functools
 import os
 import shutil
 import signal
@@ -262,7 +263,7 @@ async def test_untrusted_client_refused(start_hop, next_hop):
 
 async def test_scan_budget_fail_mode_accept(start_hop, next_hop):
     hop = await start_hop(scan={"budget_seconds": 0.1})
-    big = _noise_png(3000)
+    big = _noise_png(2000)
     message = make_message(text="see attachment", attachments=[("noise.png", "image/png", big)])
 
     _, reply = await send(hop.port, message)
@@ -274,7 +275,7 @@ async def test_scan_budget_fail_mode_accept(start_hop, next_hop):
 
 async def test_scan_budget_fail_mode_tempfail(start_hop, next_hop):
     hop = await start_hop(scan={"budget_seconds": 0.1, "fail_mode": "tempfail"})
-    message = make_message(text="see attachment", attachments=[("noise.png", "image/png", _noise_png(3000))])
+    message = make_message(text="see attachment", attachments=[("noise.png", "image/png", _noise_png(2000))])
 
     _, reply = await send(hop.port, message)
 
@@ -285,7 +286,7 @@ async def test_scan_budget_fail_mode_tempfail(start_hop, next_hop):
 
 async def test_killed_worker_replaced_alone(start_hop, next_hop, pool):
     hop = await start_hop(thresholds={"tag": 100.0, "quarantine": 100.0})
-    slow = make_message(text="see attachment", attachments=[("noise.png", "image/png", _noise_png(4000))])
+    slow = make_message(text="see attachment", attachments=[("noise.png", "image/png", _noise_png(2000))])
     restarts = pool.restarts
 
     sending = asyncio.create_task(send(hop.port, slow))
@@ -322,6 +323,7 @@ async def test_swaks_message_through_hop(start_hop, next_hop):
     assert relayed["X-Quishguard-Action"] == "accept"
 
 
+@functools.lru_cache(maxsize=4)
 def _noise_png(size: int) -> bytes:
     """A square PNG of random pixels: slow for every QR backend, and holds no code."""
     import io

@@ -8,6 +8,7 @@ from quishguard.model import (
     HtmlFacts,
     Link,
     MessageFacts,
+    MimeAnomaly,
     PartInfo,
     PdfFacts,
     QrCode,
@@ -70,6 +71,10 @@ def sender(from_address: str = "ceo@example.com", original_ip: str | None = "203
 
 def problem(kind: str, location: str = "1.2", reason: str = "decoder timed out") -> ScanProblem:
     return ScanProblem(location=location, kind=kind, reason=reason)
+
+
+def anomaly(kind: str, location: str = "message", detail: str = "two readers disagree") -> MimeAnomaly:
+    return MimeAnomaly(location=location, kind=kind, detail=detail)
 
 
 def facts(body_text_chars: int = 1500, image_count: int = 0, **fields) -> MessageFacts:

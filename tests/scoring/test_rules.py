@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import base64
 import re
+from dataclasses import replace
 from urllib.parse import quote
 
 import pytest
 
+from quishguard.model import AuthCheck, AuthFacts, MicrosoftFacts, SenderFacts
 from quishguard.scoring.rules import COMBOS, RULES, RULES_BY_NAME
 from quishguard.scoring.verdict import evaluate
 
 from .factories import (
     RECIPIENT,
+    anomaly,
     config,
     envelope,
     facts,
@@ -31,6 +34,7 @@ B64_RECIPIENT = base64.b64encode(RECIPIENT.encode()).decode()
 HARVEST_URL = "https://login.example.test/auth"
 EPC_PAYLOAD = "BCD\n002\n1\nSCT\nBANKDEFFXXX\nExample GmbH\nDE02100100100006820101\nEUR129.00\n\n\nINV-2024-0042"
 TICKET_PAYLOAD = "TKT-2024-000417-SEAT-14B"
+PIX_PAYLOAD = "00020126580014br.gov.bcb.pix0136123e4567-e12b-12d1-a456-4266554400005204000053039865802BR6304ABCD"
 
 
 def bing_link(target: str) -> str:
@@ -38,9 +42,30 @@ def bing_link(target: str) -> str:
     return f"https://www.bing.com/ck/a?!&&p=5f2a&ptn=3&u=a1{encoded}&ntb=1"
 
 
+MIME_ANOMALY_CASES = [
+    ("parser-mismatch", "MIME_PARSER_MISMATCH"),
+    ("duplicate-boundary", "MIME_DUPLICATE_BOUNDARY"),
+    ("double-content-type", "MIME_DOUBLE_CONTENT_TYPE"),
+    ("unclosed-multipart", "MIME_UNCLOSED_MULTIPART"),
+    ("broken-encoding", "MIME_BROKEN_ENCODING"),
+    ("header-nesting", "MIME_HEADER_NESTING"),
+    ("long-header-line", "MIME_LONG_HEADER_LINE"),
+]
+
 # (case id, rule, facts, envelope, config, fires)
 DEFAULT = config()
 ORG = org_config()
+PEOPLE = org_config(org={"domains": ["example.com"], "people": ["Ann Smith"]})
+
+
+def with_auth(base: SenderFacts, dmarc: str, policy: str | None, **fields) -> SenderFacts:
+    """Return `base` with DNS results: the DMARC result and policy, and `fields` of AuthFacts."""
+    checks = (AuthCheck("spf", "fail" if dmarc == "fail" else "pass"), AuthCheck("dmarc", dmarc))
+    return replace(base, auth=AuthFacts(checks=checks, dmarc=dmarc, dmarc_policy=policy, **fields))
+
+
+def named(display_name: str, address: str) -> SenderFacts:
+    return replace(sender(address), display_name=display_name)
 CASES = [
     # QR payloads.
     ("qr https url", "QR_URL", facts(qr_codes=[qr(HARVEST_URL)]), None, DEFAULT, True),
@@ -60,6 +85,24 @@ CASES = [
     ("non-url mecard", "QR_NON_URL", facts(qr_codes=[qr("MECARD:N:Doe,Ann;TEL:+15550100;;")]), None, DEFAULT, True),
     ("non-url ticket", "QR_NON_URL", facts(qr_codes=[qr(TICKET_PAYLOAD)]), None, DEFAULT, True),
     ("non-url not for url", "QR_NON_URL", facts(qr_codes=[qr(HARVEST_URL)]), None, DEFAULT, False),
+    ("non-url pix", "QR_NON_URL", facts(qr_codes=[qr(PIX_PAYLOAD)]), None, DEFAULT, True),
+    ("qr pix not url", "QR_URL", facts(qr_codes=[qr(PIX_PAYLOAD)]), None, DEFAULT, False),
+    ("qr swiss bill not url", "QR_URL", facts(qr_codes=[qr("SPC\n0200\n1\nCH4431999123000889012")]), None, DEFAULT,
+     False),
+    ("qr otpauth not url", "QR_URL", facts(qr_codes=[qr("otpauth://totp/Example:ann?secret=JBSWY3DPEHPK3PXP")]),
+     None, DEFAULT, False),
+    # URL content.
+    ("qr shortener", "QR_URL_SHORTENER", facts(qr_codes=[qr("https://bit.ly/3xAbCd")]), None, DEFAULT, True),
+    ("qr shortener lookalike", "QR_URL_SHORTENER", facts(qr_codes=[qr("https://bit.ly.example.test/x")]), None,
+     DEFAULT, False),
+    ("qr ip host", "QR_URL_IP_HOST", facts(qr_codes=[qr("http://192.0.2.15/login")]), None, DEFAULT, True),
+    ("qr decimal ip host", "QR_URL_IP_HOST", facts(qr_codes=[qr("http://3221225999/login")]), None, DEFAULT, True),
+    ("qr domain host", "QR_URL_IP_HOST", facts(qr_codes=[qr(HARVEST_URL)]), None, DEFAULT, False),
+    ("qr redirector unwrapped", "URL_OPEN_REDIRECT",
+     facts(qr_codes=[qr("https://www.google.com/url?q=https://login.example.test/")]), None, DEFAULT, True),
+    ("pdf launch action", "PDF_LAUNCH_ACTION", facts(links=[link("cmd.exe", "pdf-launch")]), None, DEFAULT, True),
+    ("pdf uri link not launch", "PDF_LAUNCH_ACTION", facts(links=[link(HARVEST_URL, "pdf-link")]), None, DEFAULT,
+     False),
     # Where a URL code sits.
     ("pdf url code", "QR_IN_PDF", facts(qr_codes=[qr(HARVEST_URL, "pdf-image", "2")]), None, DEFAULT, True),
     ("pdf vector url code", "QR_IN_PDF", facts(qr_codes=[qr(HARVEST_URL, "pdf-vector", "2")]), None, DEFAULT, True),
@@ -211,12 +254,70 @@ CASES = [
     ("direct send lookalike domain", "SENDER_DIRECT_SEND", facts(sender=sender("it@badexample.com")), None, ORG,
      False),
     ("direct send no org", "SENDER_DIRECT_SEND", facts(sender=sender()), None, DEFAULT, False),
+    ("direct send dns dmarc fail", "SENDER_DIRECT_SEND", facts(sender=with_auth(sender(), "fail", "reject")), None,
+     ORG, True),
+    ("direct send dns dmarc pass", "SENDER_DIRECT_SEND", facts(sender=with_auth(sender(), "pass", "reject")), None,
+     ORG, False),
+    ("direct send trusted arc", "SENDER_DIRECT_SEND",
+     facts(sender=with_auth(sender(), "fail", "reject", arc_dmarc_pass=True)), None, ORG, False),
+    ("direct send microsoft internal", "SENDER_DIRECT_SEND",
+     facts(sender=replace(sender(), microsoft=MicrosoftFacts(counted=True, auth_as="internal"))), None, ORG, False),
+    # Sender identity and authentication.
+    ("from is recipient", "SENDER_FROM_IS_RECIPIENT", facts(sender=sender(RECIPIENT)), None, DEFAULT, True),
+    ("from is recipient authenticated", "SENDER_FROM_IS_RECIPIENT",
+     facts(sender=with_auth(sender(RECIPIENT), "pass", "reject")), None, DEFAULT, False),
+    ("from other than recipient", "SENDER_FROM_IS_RECIPIENT", facts(sender=sender("ann@example.net")), None,
+     DEFAULT, False),
+    ("person name outside", "SENDER_DISPLAY_NAME_PERSON", facts(sender=named("Smith, Ann", "ann@mail.example.net")),
+     None, PEOPLE, True),
+    ("person name authenticated inside", "SENDER_DISPLAY_NAME_PERSON",
+     facts(sender=with_auth(named("Ann Smith", "ann@example.com"), "pass", "reject")), None, PEOPLE, False),
+    ("person name other person", "SENDER_DISPLAY_NAME_PERSON",
+     facts(sender=named("Annette Smithers", "ann@mail.example.net")), None, PEOPLE, False),
+    ("service name outside", "SENDER_DISPLAY_NAME_SERVICE",
+     facts(sender=named("Voicemail Service", "vm@calls.example.net")), None, ORG, True),
+    ("service name failing dmarc", "SENDER_DISPLAY_NAME_SERVICE",
+     facts(sender=with_auth(named("IT Helpdesk", "it@example.net"), "fail", "quarantine")), None, DEFAULT, True),
+    ("service name authenticated inside", "SENDER_DISPLAY_NAME_SERVICE",
+     facts(sender=with_auth(named("Payroll", "payroll@example.com"), "pass", "reject")), None, ORG, False),
+    ("service name without org", "SENDER_DISPLAY_NAME_SERVICE",
+     facts(sender=named("Voicemail Service", "vm@calls.example.net")), None, DEFAULT, False),
+    ("dmarc fail p none org", "SENDER_DMARC_FAIL_NONE", facts(sender=with_auth(sender(), "fail", "none")), None,
+     ORG, True),
+    ("dmarc fail p reject org", "SENDER_DMARC_FAIL_NONE", facts(sender=with_auth(sender(), "fail", "reject")), None,
+     ORG, False),
+    ("reply-to outside internal", "SENDER_REPLY_TO_EXTERNAL",
+     facts(sender=replace(sender(), reply_to=("payments@example.net",))), None, ORG, True),
+    ("reply-to inside internal", "SENDER_REPLY_TO_EXTERNAL",
+     facts(sender=replace(sender(), reply_to=("finance@example.com",))), None, ORG, False),
+    ("reply-to outside external", "SENDER_REPLY_TO_EXTERNAL",
+     facts(sender=replace(sender("news@example.net"), reply_to=("help@example.org",))), None, ORG, False),
+    ("first seen person", "SENDER_FIRST_SEEN_PERSON",
+     facts(sender=replace(named("Ann Smith", "ann@mail.example.net"), first_seen=True)), None, PEOPLE, True),
+    ("seen before person", "SENDER_FIRST_SEEN_PERSON",
+     facts(sender=replace(named("Ann Smith", "ann@mail.example.net"), first_seen=False)), None, PEOPLE, False),
+    ("microsoft spoof counted", "SENDER_M365_SPOOF",
+     facts(sender=replace(sender(), microsoft=MicrosoftFacts(counted=True, category="spoof", spoof="CAT:SPOOF"))),
+     None, ORG, True),
+    ("microsoft spoof ignored", "SENDER_M365_SPOOF",
+     facts(sender=replace(sender(), microsoft=MicrosoftFacts(counted=False, note="ignored"))), None, ORG, False),
+    ("auth temperror", "SENDER_AUTH_TEMPERROR",
+     facts(sender=with_auth(sender(), "temperror", None, temperrors=("dmarc: TXT timed out",))), None, ORG, True),
+    ("auth no temperror", "SENDER_AUTH_TEMPERROR", facts(sender=with_auth(sender(), "fail", "reject")), None, ORG,
+     False),
     # Scan problems.
     ("limit problem", "MIME_LIMIT", facts(problems=[problem("limit", reason="MIME depth over 10")]), None, DEFAULT,
      True),
     ("limit not incomplete", "MIME_LIMIT", facts(problems=[problem("incomplete")]), None, DEFAULT, False),
     ("incomplete problem", "SCAN_INCOMPLETE", facts(problems=[problem("incomplete")]), None, DEFAULT, True),
     ("incomplete not limit", "SCAN_INCOMPLETE", facts(problems=[problem("limit")]), None, DEFAULT, False),
+    # MIME anomalies from the two MIME readers; each is quiet on the others.
+    *[(f"anomaly {kind}", rule, facts(mime_anomalies=[anomaly(kind)]), None, DEFAULT, True)
+      for kind, rule in MIME_ANOMALY_CASES],
+    *[(f"anomaly {kind} quiet", rule, facts(mime_anomalies=[anomaly(other)]), None, DEFAULT, False)
+      for (kind, rule), (other, _rule) in zip(MIME_ANOMALY_CASES, MIME_ANOMALY_CASES[1:] + MIME_ANOMALY_CASES[:1])],
+    ("anomaly limit not mismatch", "MIME_PARSER_MISMATCH", facts(problems=[problem("limit")]), None, DEFAULT,
+     False),
     # Combinations.
     ("combo qr direct send", "COMBO_QR_DIRECT_SEND",
      facts(sender=sender(), qr_codes=[qr(HARVEST_URL)]), None, ORG, True),
@@ -234,6 +335,14 @@ CASES = [
     ("combo direct send attachment", "COMBO_DIRECT_SEND_LURE",
      facts(sender=sender(), html=[html("2", attachment=True)]), None, ORG, True),
     ("combo direct send plain", "COMBO_DIRECT_SEND_LURE", facts(sender=sender()), None, ORG, False),
+    ("combo impersonation qr", "COMBO_IMPERSONATION_LURE",
+     facts(sender=named("Ann Smith", "ann@mail.example.net"), qr_codes=[qr(HARVEST_URL)]), None, PEOPLE, True),
+    ("combo impersonation plain", "COMBO_IMPERSONATION_LURE",
+     facts(sender=named("Ann Smith", "ann@mail.example.net")), None, PEOPLE, False),
+    ("combo self-addressed qr", "COMBO_SELF_ADDRESSED_LURE",
+     facts(sender=sender(RECIPIENT), qr_codes=[qr(HARVEST_URL)]), None, DEFAULT, True),
+    ("combo self-addressed plain", "COMBO_SELF_ADDRESSED_LURE", facts(sender=sender(RECIPIENT)), None, DEFAULT,
+     False),
 ]
 
 
@@ -337,3 +446,29 @@ def test_every_finding_has_evidence():
     assert len(verdict.findings) > 15
     for finding in verdict.findings:
         assert finding.detail, finding.rule
+
+
+SPOOF = with_auth(sender(), "fail", "reject")
+AUTHENTICATED_INTERNAL = with_auth(sender("it@example.com"), "pass", "reject")
+INTRANET_QR = "https://intranet.example.com/canteen/menu"
+
+
+@pytest.mark.parametrize(
+    ("message", "minimum", "maximum"),
+    [
+        pytest.param(facts(sender=SPOOF, qr_codes=[qr(HARVEST_URL)]), 8.0, None, id="spoof qr code"),
+        pytest.param(facts(sender=SPOOF, html=[html(captcha_markers=("cf-turnstile",))]), 8.0, None,
+                     id="spoof captcha gate"),
+        pytest.param(facts(sender=SPOOF, html=[html("2", attachment=True)]), 8.0, None, id="spoof html attachment"),
+        pytest.param(facts(sender=sender(), qr_codes=[qr(HARVEST_URL)]), 8.0, None, id="spoof qr without dns"),
+        pytest.param(facts(sender=AUTHENTICATED_INTERNAL, qr_codes=[qr(INTRANET_QR)]), None, 4.0,
+                     id="internal intranet qr"),
+    ],
+)
+def test_org_spoof_combination_scores(message, minimum, maximum):
+    verdict = evaluate(message, envelope(), ORG)
+
+    if minimum is not None:
+        assert verdict.score >= minimum, verdict.findings
+    if maximum is not None:
+        assert verdict.score < maximum, verdict.findings

@@ -7,7 +7,8 @@ idioms phishing kits use. `data:` URIs (RFC 2397) are decoded so that the
 structure stage can queue their images for the QR decoder.
 
 What is collected:
-- links: `<a href>` and `<area href>` with their visible text, off-site
+- links: `<a href>` and `<area href>` with their visible text, Gmail's
+  `data-saferedirecturl` rewrites, URLs written in the visible text, off-site
   `<form action>`, `<meta http-equiv="refresh">` targets (HTML Living
   Standard, "shared declarative refresh steps") and literal URLs assigned
   to `location` in inline scripts, `on*` attributes and `javascript:` hrefs;
@@ -18,7 +19,11 @@ What is collected:
   `visibility:hidden`;
 - embedded images: `data:` URIs in `<img src>`, `srcset`, the `background`
   attribute, CSS `url(...)` and SVG `<image href>`, and the `cid:` URLs
-  (RFC 2392) that reference inline MIME parts.
+  (RFC 2392) that reference inline MIME parts; remote image URLs, only as
+  text, for QR-generator calls;
+- QR codes drawn without an image (tables, div grids, block characters,
+  `grids`), inline `<svg>` elements and images laid out as tiles of one
+  picture (`find_split_layouts`), for the worker to render and decode.
 
 BeautifulSoup does not dominate the cost: over 559 real phishing and benign
 messages, the whole structure stage (this parse included) took 2.5 s in
@@ -39,7 +44,8 @@ from bs4 import BeautifulSoup
 from bs4.element import CData, NavigableString, PageElement, Tag
 
 from ..model import HtmlFacts, Link, ScanProblem
-from .urls import MAX_URL_CHARS
+from .grids import Grid, find_html_grids, find_split_layouts
+from .urls import MAX_URL_CHARS, find_urls
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,15 @@ log = logging.getLogger(__name__)
 MAX_HTML_CHARS = 2_000_000
 
 MAX_LINK_TEXT_CHARS = 200
+
+# Remote image URLs kept per document (read for QR-generator calls, never
+# fetched) and inline <svg> elements rendered per document.
+MAX_REMOTE_IMAGES = 200
+MAX_INLINE_SVGS = 10
+
+# URLs written in the visible text (not linked) taken per document; a reader
+# copies them into a browser, so they are links too.
+MAX_TEXT_URLS = 200
 MAX_REDIRECT_CHARS = 200
 
 # Distinct values kept per document in each HtmlFacts tuple; one is enough
@@ -118,6 +133,10 @@ class HtmlAnalysis:
     embedded_images: list[EmbeddedImage] = field(default_factory=list)
     cid_references: set[str] = field(default_factory=set)
     problems: list[ScanProblem] = field(default_factory=list)
+    remote_images: list[str] = field(default_factory=list)
+    grids: list[Grid] = field(default_factory=list)
+    inline_svgs: list[str] = field(default_factory=list)
+    split_layouts: list[list[list[str]]] = field(default_factory=list)
 
 
 def analyse_html(
@@ -150,6 +169,7 @@ def analyse_html(
     links: list[Link] = []
 
     _collect_anchors(soup, location, links)
+    _collect_safe_redirects(soup, location, links)
     offsite_forms = _collect_forms(soup, location, links)
     meta_refresh = _collect_meta_refresh(soup, location, links)
 
@@ -160,12 +180,14 @@ def analyse_html(
 
     image_hidden_as = "svg" if is_svg else "data-uri"
     css_hidden_as = "svg" if is_svg else "css-background"
-    embedded_images, cid_references = _collect_images(
+    embedded_images, cid_references, remote_images = _collect_images(
         soup, image_hidden_as, css_hidden_as, max_embedded_images
     )
     image_count = len(soup.find_all("img"))
 
     visible_text = _visible_text(soup)
+    for url in find_urls(visible_text, MAX_TEXT_URLS):
+        links.append(Link(url, location, "html-text"))
     captcha_markers = _find_captcha_markers(markup, visible_text)
 
     facts = HtmlFacts(
@@ -188,7 +210,26 @@ def analyse_html(
         embedded_images=embedded_images,
         cid_references=cid_references,
         problems=problems,
+        remote_images=remote_images[:MAX_REMOTE_IMAGES],
+        grids=find_html_grids(soup),
+        inline_svgs=[] if is_svg else _inline_svgs(soup),
+        split_layouts=find_split_layouts(soup),
     )
+
+
+def _inline_svgs(soup: BeautifulSoup) -> list[str]:
+    """Return the markup of each top-level `<svg>` element, for rendering as an image."""
+    svgs = []
+    for svg in soup.find_all("svg", limit=MAX_INLINE_SVGS * 4):
+        if svg.find_parent("svg") is not None:
+            continue
+        if not svg.get("xmlns"):
+            # A standalone SVG document needs the namespace that HTML implies.
+            svg["xmlns"] = "http://www.w3.org/2000/svg"
+        svgs.append(str(svg)[:MAX_HTML_CHARS])
+        if len(svgs) >= MAX_INLINE_SVGS:
+            break
+    return svgs
 
 
 def count_visible_chars(text: str) -> int:
@@ -225,6 +266,16 @@ def _collect_anchors(soup: BeautifulSoup, location: str, links: list[Link]) -> N
             continue
         text = _WHITESPACE.sub(" ", anchor.get_text(" ", strip=True))[:MAX_LINK_TEXT_CHARS]
         links.append(Link(href[:MAX_URL_CHARS], location, "html-href", text))
+
+
+def _collect_safe_redirects(soup: BeautifulSoup, location: str, links: list[Link]) -> None:
+    # Gmail's web view rewrites each link through google.com/url?q=... and
+    # keeps the rewritten URL in this attribute; HTML copied from that view
+    # (forwards, phishing kits built from a received lure) carries it along.
+    for tag in soup.find_all(attrs={"data-saferedirecturl": True}):
+        value = _attribute(tag, "data-saferedirecturl")
+        if value and value.lower().startswith(("http://", "https://")):
+            links.append(Link(value[:MAX_URL_CHARS], location, "html-saferedirecturl"))
 
 
 def _collect_forms(soup: BeautifulSoup, location: str, links: list[Link]) -> list[str]:
@@ -321,14 +372,17 @@ def _unescape_js(text: str) -> str:
 
 def _collect_images(
     soup: BeautifulSoup, image_hidden_as: str, css_hidden_as: str, max_images: int | None
-) -> tuple[list[EmbeddedImage], set[str]]:
+) -> tuple[list[EmbeddedImage], set[str], list[str]]:
     images: list[EmbeddedImage] = []
     cids: set[str] = set()
+    remote: list[str] = []
 
     def take(url: str, hidden_as: str) -> None:
         url = url.strip()
         lowered = url[:5].lower()
-        if lowered.startswith("cid:"):
+        if lowered.startswith(("http", "//")):
+            remote.append(url[:MAX_URL_CHARS])
+        elif lowered.startswith("cid:"):
             cids.add(normalise_content_id(urllib.parse.unquote(url[4:])))
         elif lowered == "data:" and (max_images is None or len(images) < max_images):
             data = decode_data_uri(url)
@@ -354,7 +408,7 @@ def _collect_images(
         for url in _css_urls(style.get_text()):
             take(url, css_hidden_as)
 
-    return images, cids
+    return images, cids, remote
 
 
 def _css_urls(css: str) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 from collections.abc import Iterator
 
 from PIL import Image, ImageFile
@@ -37,7 +38,7 @@ MIN_QR_SIDE = 21
 LOW_CONTRAST_RANGE = 128
 
 # Pillow raises these for unreadable, truncated or unsupported data.
-_PILLOW_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError)
+PILLOW_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError)
 
 
 def decode_image(task: DecodeTask, limits: ScanLimits) -> PartialFacts:
@@ -48,12 +49,25 @@ def decode_image(task: DecodeTask, limits: ScanLimits) -> PartialFacts:
             _decode_frames(image, task, limits, facts)
     except Image.DecompressionBombError as error:
         facts.problems.append(ScanProblem(task.location, "limit", f"image too large to decode: {error}"))
-    except _PILLOW_ERRORS as error:
+    except PILLOW_ERRORS as error:
         log.info("unreadable image at %s: %s", task.location, type(error).__name__)
         facts.problems.append(
             ScanProblem(task.location, "incomplete", f"could not decode the image: {type(error).__name__}")
         )
     return facts
+
+
+def first_frame_gray(data: bytes, limits: ScanLimits) -> Image.Image:
+    """Open `data` and return its first frame in grayscale, composited on white.
+
+    Raises one of `PILLOW_ERRORS`, or ValueError when the image exceeds `max_image_pixels`.
+    """
+    with _truncated_images_allowed(), Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if width * height > limits.max_image_pixels:
+            raise ValueError(f"image is {width}x{height} pixels, more than max_image_pixels")
+        image.load()
+        return _renderings(image)[0]
 
 
 def _decode_frames(image: Image.Image, task: DecodeTask, limits: ScanLimits, facts: PartialFacts) -> None:
@@ -71,11 +85,18 @@ def _decode_frames(image: Image.Image, task: DecodeTask, limits: ScanLimits, fac
     facts.image_count = 1
     payloads: dict[str, str] = {}
     backend_errors: list[str] = []
+    # Half the hard limit, so the cascade stops itself before the pool kills the worker.
+    deadline = time.monotonic() + limits.image_seconds / 2
+    timed_out = False
     for frame in _frames(image, limits, task, facts.problems):
         if min(frame.size) < MIN_QR_SIDE:
             continue
+        if time.monotonic() > deadline:
+            timed_out = True
+            break
         for variant in _renderings(frame):
-            result = decode_qr(variant)
+            result = decode_qr(variant, deadline)
+            timed_out = timed_out or result.timed_out
             backend_errors.extend(result.errors)
             for payload in result.payloads:
                 payloads.setdefault(payload, result.backend or "")
@@ -84,6 +105,9 @@ def _decode_frames(image: Image.Image, task: DecodeTask, limits: ScanLimits, fac
 
     for payload, backend in payloads.items():
         facts.qr_codes.append(QrCode(payload, task.location, task.hidden_as, backend))
+    if timed_out and not payloads:
+        facts.problems.append(ScanProblem(
+            task.location, "incomplete", f"QR decoding stopped after image_seconds/2={limits.image_seconds / 2:g} s"))
     if backend_errors and not payloads:
         facts.problems.append(
             ScanProblem(task.location, "incomplete", "QR backends failed: " + ", ".join(sorted(set(backend_errors))))

@@ -7,7 +7,8 @@ empty user password, as a viewer does without asking, and then with the
 passwords the message text quotes (`DecodeTask.passwords`).
 
 Pages are rendered in grayscale at `ScanLimits.pdf_dpi` and handed to the
-QR cascade. A code on a page without embedded images must be drawn from
+QR cascade, and each page's embedded images are decoded at their stored
+resolution too. Link annotations give URI links and `/Launch` targets. A code on a page without embedded images must be drawn from
 vector paths, which is reported as hidden_as "pdf-vector"; otherwise
 "pdf-image". Only the first `ScanLimits.max_pdf_pages` pages are read.
 JavaScript is found by searching every object's dictionary for `/JS` and
@@ -24,6 +25,7 @@ import re
 import pymupdf
 from PIL import Image
 
+from . import report_progress
 from ..model import DecodeTask, Link, PartialFacts, PdfFacts, QrCode, ScanLimits, ScanProblem
 from .html import count_visible_chars
 from .qr import decode_qr
@@ -41,6 +43,11 @@ POINTS_PER_INCH = 72
 # Below this resolution a page render cannot show a QR code's modules, so a
 # page that fits `max_image_pixels` only at a lower one is not rendered.
 MIN_DPI = 9
+
+# Embedded images decoded per page, besides the page render.
+MAX_IMAGES_PER_PAGE = 10
+# A QR code version 1 has 21 modules per side, so a smaller image holds none.
+MIN_QR_SIDE = 21
 
 # Objects searched for JavaScript; a real document has far fewer.
 MAX_OBJECTS_SEARCHED = 200_000
@@ -102,10 +109,15 @@ def _inspect(document: pymupdf.Document, task: DecodeTask, limits: ScanLimits, f
     pages_rendered = 0
     for index in range(pages_to_read):
         location = f"{task.location} > page {index + 1}"
+        # Opening the file, each page render and each page's embedded
+        # images get their own image_seconds in the worker pool.
+        report_progress()
         try:
             page = document[index]
             text_chars += _read_page_text(page, location, limits, facts)
             _render_page(page, location, limits, facts)
+            report_progress()
+            _decode_embedded_images(document, page, location, limits, facts)
         except _MUPDF_ERRORS as error:
             log.info("unreadable PDF page at %s: %s", location, type(error).__name__)
             facts.problems.append(
@@ -141,11 +153,29 @@ def _read_page_text(page: pymupdf.Page, location: str, limits: ScanLimits, facts
         uri = link.get("uri")
         if uri:
             facts.links.append(Link(uri, location, "pdf-link"))
+        elif _is_launch(page, link):
+            # A /Launch action (section 12.6.4.5) opens a file or runs a program.
+            target = str(link.get("file") or "(launch action without a file name)")
+            facts.links.append(Link(target[:2048], location, "pdf-launch"))
 
     text = page.get_text("text")
     for url in find_urls(text, limits.max_urls):
         facts.links.append(Link(url, location, "pdf-text"))
     return count_visible_chars(text)
+
+
+def _is_launch(page: pymupdf.Page, link: dict) -> bool:
+    # MuPDF reports a /Launch of a file as a remote go-to (LINK_GOTOR), so
+    # the action's /S name is read from the annotation itself.
+    if link.get("kind") == pymupdf.LINK_LAUNCH:
+        return True
+    xref = link.get("xref")
+    if not xref:
+        return False
+    try:
+        return page.parent.xref_get_key(xref, "A/S") == ("name", "/Launch")
+    except _MUPDF_ERRORS:
+        return False
 
 
 def _render_page(page: pymupdf.Page, location: str, limits: ScanLimits, facts: PartialFacts) -> None:
@@ -179,6 +209,34 @@ def _render_page(page: pymupdf.Page, location: str, limits: ScanLimits, facts: P
     hidden_as = "pdf-image" if page.get_images() else "pdf-vector"
     for payload in result.payloads:
         facts.qr_codes.append(QrCode(payload, location, hidden_as, result.backend or ""))
+
+
+def _decode_embedded_images(
+    document: pymupdf.Document, page: pymupdf.Page, location: str, limits: ScanLimits, facts: PartialFacts
+) -> None:
+    """Decode the page's embedded images at their own resolution, as stored.
+
+    A render scales the image to `pdf_dpi`, which can blur a small code that
+    is drawn shrunk on the page; the stored image keeps every module.
+    """
+    found = {code.payload for code in facts.qr_codes if code.location == location}
+    for number, entry in enumerate(page.get_images(full=True)[:MAX_IMAGES_PER_PAGE], start=1):
+        xref, width, height = entry[0], entry[2], entry[3]
+        if min(width, height) < MIN_QR_SIDE or width * height > limits.max_image_pixels:
+            continue
+        try:
+            pixmap = pymupdf.Pixmap(document, xref)
+            if pixmap.n - pixmap.alpha != 1:
+                pixmap = pymupdf.Pixmap(pymupdf.csGRAY, pixmap)
+            image = Image.frombytes("L", (pixmap.width, pixmap.height), pixmap.samples)
+        except (*_MUPDF_ERRORS, pymupdf.mupdf.FzErrorBase) as error:
+            log.info("unreadable PDF image at %s: %s", location, type(error).__name__)
+            continue
+        result = decode_qr(image)
+        for payload in result.payloads:
+            if payload not in found:
+                found.add(payload)
+                facts.qr_codes.append(QrCode(payload, f"{location} > image {number}", "pdf-image", result.backend or ""))
 
 
 def _render_dpi(width_points: float, height_points: float, limits: ScanLimits) -> int:

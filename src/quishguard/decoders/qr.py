@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -58,10 +59,16 @@ class QrResult:
     payloads: list[str] = field(default_factory=list)
     backend: str | None = None
     errors: list[str] = field(default_factory=list)
+    timed_out: bool = False
 
 
-def decode_qr(image: Image.Image) -> QrResult:
-    """Run the cascade on `image` and return the payloads of the first backend that finds any."""
+def decode_qr(image: Image.Image, deadline: float | None = None) -> QrResult:
+    """Run the cascade on `image` and return the payloads of the first backend that finds any.
+
+    No further backend starts after `deadline` (time.monotonic()); the
+    result then says so in `timed_out`. A backend already running is not
+    interrupted: the worker pool enforces the hard limit from outside.
+    """
     gray = image if image.mode == "L" else image.convert("L")
     shrunk: list[np.ndarray] = []
 
@@ -80,6 +87,9 @@ def decode_qr(image: Image.Image) -> QrResult:
 
     result = QrResult()
     for name, backend in cascade:
+        if deadline is not None and time.monotonic() > deadline:
+            result.timed_out = True
+            return result
         try:
             raw_payloads = backend()
         except _BACKEND_ERRORS as error:

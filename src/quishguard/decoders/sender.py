@@ -106,6 +106,20 @@ def parse_ip(text: str) -> IpAddress | None:
     return address
 
 
+def get_addresses(values: list[str]) -> list[tuple[str, str]]:
+    """Return the (display name, address) pairs of address header values; [] when they nest too deep.
+
+    `email.utils.getaddresses` recurses once per nested comment and raises
+    RecursionError on a few hundred levels, which any sender can write. The
+    structure scan reports such headers as a "header-nesting" anomaly.
+    """
+    try:
+        return email.utils.getaddresses(values)
+    except RecursionError:
+        log.info("event=address_header_too_deep headers=%d", len(values))
+        return []
+
+
 def is_trusted(address: IpAddress, org: OrgPolicy) -> bool:
     return any(address in network for network in org.trusted_networks)
 
@@ -115,7 +129,7 @@ def _from_address(headers: list[tuple[str, str]]) -> tuple[str | None, str | Non
     if value is None:
         return None, None
 
-    for _display_name, address in email.utils.getaddresses([value]):
+    for _display_name, address in get_addresses([value]):
         local, at, domain = address.rpartition("@")
         if at and local and domain:
             domain = domain.strip().rstrip(".").lower()
@@ -132,13 +146,13 @@ def _display_name(headers: list[tuple[str, str]]) -> str:
         decoded = str(email.header.make_header(email.header.decode_header(value)))
     except (ValueError, LookupError):
         decoded = value
-    pairs = email.utils.getaddresses([decoded])
+    pairs = get_addresses([decoded])
     return " ".join(pairs[0][0].split()) if pairs else ""
 
 
 def _reply_to(headers: list[tuple[str, str]]) -> tuple[str, ...]:
     values = [value for name, value in headers if name.lower() == "reply-to"]
-    addresses = [address.strip().lower() for _name, address in email.utils.getaddresses(values)]
+    addresses = [address.strip().lower() for _name, address in get_addresses(values)]
     return tuple(address for address in addresses if "@" in address)
 
 

@@ -40,6 +40,14 @@ def is_pdf(data: bytes) -> bool:
     return b"%PDF-" in data[:PDF_HEADER_WINDOW]
 
 
+def is_zip(data: bytes) -> bool:
+    """Tell whether `data` starts with a ZIP local file header (APPNOTE.TXT, section 4.3.7).
+
+    Office Open XML (ECMA-376) and OpenDocument files are ZIP archives too.
+    """
+    return data.startswith(b"PK\x03\x04")
+
+
 def looks_like_markup(data: bytes) -> bool:
     """Tell whether `data` starts like an HTML or SVG document (after a BOM and whitespace)."""
     head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()

@@ -1,9 +1,9 @@
 """SPF evaluation: RFC 7208 `check_host()` on dnspython through `DnsLookup`.
 
 pyspf 2.0.14 (the last release, 2020) calls the deprecated
-`dns.resolver.query` and resolves through one module-global function, so it
+`dns.resolver.query` and resolves through one module-global function. So it
 can neither use `[dns] servers` per scanner nor share the per-message DNS
-budget; this module implements the evaluation instead.
+budget, and this module implements the evaluation instead.
 
 Covered: every mechanism (all, include, a, mx, ptr, ip4, ip6, exists), the
 redirect modifier, macros (section 7, with transformers and delimiters), the

@@ -30,10 +30,13 @@ import logging
 import re
 from dataclasses import dataclass, field, replace
 
-from ..model import DecodeTask, HtmlFacts, Link, MessageFacts, PartInfo, ScanLimits, ScanProblem
-from .html import analyse_html, count_visible_chars, normalise_content_id
+from ..model import DecodeTask, HtmlFacts, Link, MessageFacts, PartInfo, QrCode, ScanLimits, ScanProblem
+from .boundaries import ScannedPart, compare_parts, scan_message
+from .generators import generator_payload
+from .grids import find_text_grids, pack_split
+from .html import analyse_html, count_visible_chars, decode_data_uri, normalise_content_id
 from .passwords import find_password_candidates
-from .sniff import image_format, is_pdf, looks_like_markup
+from .sniff import image_format, is_pdf, is_zip, looks_like_markup
 from .urls import find_urls
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ MAX_FILENAME_CHARS = 120
 HTML_EXTENSIONS = (".htm", ".html", ".shtml", ".xhtml")
 SVG_EXTENSIONS = (".svg", ".svgz")
 _MESSAGE_EXTENSIONS = (".eml",)
+OFFICE_EXTENSIONS = (".docx", ".docm", ".xlsx", ".xlsm", ".pptx", ".pptm", ".odt", ".ods", ".odp")
+_INLINE_TYPES = frozenset({"text/plain", "text/html", "text/enriched", "text/rfc822-headers"})
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
@@ -139,12 +144,14 @@ def _analyse(raw: bytes, limits: ScanLimits, facts: MessageFacts, tasks: list[De
 
     walk = _Walk(limits, facts.problems)
     _walk_entity(walk, message, "message", "", depth=0, nested=False)
+    _add_boundary_scan(walk, raw, facts)
 
     cid_references: set[str] = set()
     embedded_tasks: dict[int, list[DecodeTask]] = {}
+    splits: list[_SplitLayout] = []
     for index, leaf in enumerate(walk.leaves):
         if leaf.analysed:
-            embedded_tasks[index] = _read_text_leaf(leaf, limits, facts, cid_references)
+            embedded_tasks[index] = _read_text_leaf(leaf, limits, facts, cid_references, splits)
 
     for index, leaf in enumerate(walk.leaves):
         facts.parts.append(_part_info(leaf, cid_references))
@@ -155,6 +162,7 @@ def _analyse(raw: bytes, limits: ScanLimits, facts: MessageFacts, tasks: list[De
             tasks.append(task)
         tasks.extend(embedded_tasks.get(index, ()))
 
+    tasks.extend(_split_tasks(splits, walk.leaves))
     _cap_tasks(tasks, limits, facts.problems)
     passwords = find_password_candidates([facts.subject, *facts.text_bodies])
     if passwords:
@@ -214,6 +222,15 @@ def _walk_entity(
         _walk_entity(walk, payload[0], inner_prefix, "", depth=depth + 1, nested=True)
         return
 
+    if content_type.startswith("multipart/") and not entity.is_multipart():
+        repaired = _repair_multipart(entity)
+        if repaired is None:
+            walk.problems.append(ScanProblem(
+                here, "incomplete",
+                f"{content_type} without its boundary in the body; read as one text part"))
+        else:
+            entity, payload = repaired, repaired.get_payload()
+
     if entity.is_multipart() and isinstance(payload, list):
         for number, child in enumerate(payload, start=1):
             child_section = f"{section}.{number}" if section else str(number)
@@ -228,6 +245,29 @@ def _walk_entity(
         _walk_attached_bytes(walk, leaf, prefix, section or "1", depth)
         return
     walk.leaves.append(leaf)
+
+
+def _repair_multipart(entity: email.message.Message) -> email.message.Message | None:
+    """Re-parse a multipart entity whose boundary parameter has an unclosed quote.
+
+    `boundary="----=_Part_1` (no closing quote) makes the standard library
+    keep the quote in the boundary, find no delimiter and read the whole
+    body as one leaf, while mail clients drop the quote and show the parts.
+    Returns None when the body has no delimiter line for the repaired value either.
+    """
+    boundary = entity.get_boundary()
+    body = entity.get_payload()
+    if not boundary or not isinstance(body, str):
+        return None
+
+    repaired = boundary.strip().strip('"').strip()
+    if not repaired or repaired == boundary or f"--{repaired}" not in body:
+        return None
+    header = f'Content-Type: {entity.get_content_type()}; boundary="{repaired}"\n\n'
+    try:
+        return email.message_from_string(header + body, policy=email.policy.compat32)
+    except RecursionError:
+        return None
 
 
 def _decode_leaf(
@@ -275,6 +315,46 @@ def _decode_leaf(
     return leaf
 
 
+def _add_boundary_scan(walk: _Walk, raw: bytes, facts: MessageFacts) -> None:
+    """Read `raw` again with the strict boundary scanner; add its anomalies and the leaves only it found.
+
+    The part lists are compared only when neither reader hit a limit,
+    because a limit cuts the two readers at different places.
+    """
+    scan = scan_message(raw, walk.limits)
+    facts.mime_anomalies.extend(scan.anomalies)
+    walk_complete = not any(problem.kind == "limit" for problem in walk.problems)
+    if not (scan.complete and walk_complete):
+        return
+
+    seen = [(leaf.location, leaf.content_type, leaf.data) for leaf in walk.leaves if leaf.analysed]
+    comparison = compare_parts(scan, seen)
+    facts.mime_anomalies.extend(comparison.anomalies)
+    walk.leaves.extend(_scanned_leaf(part) for part in comparison.extra)
+
+
+def _scanned_leaf(part: ScannedPart) -> _Leaf:
+    """Wrap a part only the boundary scan found, so it is inspected like any other leaf."""
+    headers = email.message.Message()
+    headers["Content-Type"] = part.content_type
+    if part.charset:
+        headers.set_param("charset", part.charset)
+    filename = _CONTROL.sub("", decode_header_value(part.filename)).strip()[:MAX_FILENAME_CHARS] or None \
+        if part.filename else None
+    label = part.content_type if filename is None else f'{part.content_type}, "{filename}"'
+    content_id = decode_header_value(part.content_id) if part.content_id else ""
+    return _Leaf(
+        part=headers,
+        location=f"message > {part.location} ({label}) [boundary scan]",
+        content_type=part.content_type,
+        filename=filename,
+        disposition=part.disposition,
+        content_id=normalise_content_id(content_id) or None,
+        data=part.data,
+        nested=part.nested,
+    )
+
+
 def _is_attached_message(leaf: _Leaf) -> bool:
     # message/global (RFC 6532) is not parsed by the standard library, and
     # forwarded messages often arrive as an octet-stream ".eml".
@@ -293,11 +373,20 @@ def _walk_attached_bytes(walk: _Walk, leaf: _Leaf, prefix: str, section: str, de
     _walk_entity(walk, inner, inner_prefix, "", depth=depth + 1, nested=True)
 
 
+@dataclass(frozen=True)
+class _SplitLayout:
+    """Images an HTML part lays out as tiles of one picture, resolved once every part is known."""
+
+    location: str
+    rows: list[list[str]]
+    nested: bool
+
+
 def _read_text_leaf(
-    leaf: _Leaf, limits: ScanLimits, facts: MessageFacts, cid_references: set[str]
+    leaf: _Leaf, limits: ScanLimits, facts: MessageFacts, cid_references: set[str], splits: list[_SplitLayout]
 ) -> list[DecodeTask]:
-    """Analyse a text or HTML leaf into `facts`; return the tasks for images embedded in HTML."""
-    if image_format(leaf.data) is not None or is_pdf(leaf.data):
+    """Analyse a text or HTML leaf into `facts`; return the tasks for images and codes drawn in it."""
+    if image_format(leaf.data) is not None or is_pdf(leaf.data) or is_zip(leaf.data):
         return []
 
     is_attachment = _is_attachment(leaf, cid_references=set())
@@ -310,8 +399,12 @@ def _read_text_leaf(
     )
 
     if is_html:
-        return _read_html_leaf(leaf, limits, facts, cid_references, is_attachment, is_svg)
+        tasks = _read_html_leaf(leaf, limits, facts, cid_references, is_attachment, is_svg, splits)
+        if is_svg:
+            tasks.insert(0, DecodeTask("svg", leaf.data, leaf.location, _hidden_as(leaf, "svg"), leaf.filename))
+        return tasks
 
+    tasks = []
     if leaf.content_type.startswith("text/"):
         text = _decode_text(leaf)
         for url in find_urls(text, limits.max_urls + 1):
@@ -319,7 +412,14 @@ def _read_text_leaf(
         if leaf.content_type == "text/plain" and not is_attachment:
             facts.body_text_chars += count_visible_chars(text)
             facts.text_bodies.append(text[:MAX_TEXT_BODY_CHARS])
-    return []
+        for number, grid in enumerate(find_text_grids(text), start=1):
+            tasks.append(DecodeTask("grid", grid.to_pbm(), f"{leaf.location} > text blocks {number}",
+                                    _hidden_as(leaf, grid.hidden_as)))
+    return tasks
+
+
+def _hidden_as(leaf: _Leaf, hidden_as: str) -> str:
+    return "nested-message" if leaf.nested else hidden_as
 
 
 def _read_html_leaf(
@@ -329,6 +429,7 @@ def _read_html_leaf(
     cid_references: set[str],
     is_attachment: bool,
     is_svg: bool,
+    splits: list[_SplitLayout],
 ) -> list[DecodeTask]:
     analysis = analyse_html(
         _decode_text(leaf),
@@ -356,6 +457,46 @@ def _read_html_leaf(
             tasks.append(DecodeTask("image", image.data, location, hidden_as))
         elif is_pdf(image.data):
             tasks.append(DecodeTask("pdf", image.data, location, hidden_as))
+
+    for number, grid in enumerate(analysis.grids, start=1):
+        label = "html grid" if grid.hidden_as == "html-grid" else "text blocks"
+        tasks.append(DecodeTask("grid", grid.to_pbm(), f"{leaf.location} > {label} {number}",
+                                _hidden_as(leaf, grid.hidden_as)))
+    for number, svg in enumerate(analysis.inline_svgs, start=1):
+        tasks.append(DecodeTask("svg", svg.encode("utf-8"), f"{leaf.location} > inline svg {number}",
+                                _hidden_as(leaf, "svg")))
+    for rows in analysis.split_layouts:
+        splits.append(_SplitLayout(leaf.location, rows, leaf.nested))
+
+    for url in analysis.remote_images:
+        payload = generator_payload(url, limits.qr_generators)
+        if payload:
+            facts.qr_codes.append(QrCode(_CONTROL.sub(" ", payload).strip(), f"{leaf.location} > generator URL",
+                                         _hidden_as(leaf, "generator-url"), "generator-url"))
+    return tasks
+
+
+def _split_tasks(splits: list[_SplitLayout], leaves: list[_Leaf]) -> list[DecodeTask]:
+    """Resolve the `data:` and `cid:` sources of each split layout into one "split" task."""
+    by_content_id = {leaf.content_id: leaf.data for leaf in leaves if leaf.content_id and leaf.analysed}
+    tasks = []
+    for number, layout in enumerate(splits, start=1):
+        rows: list[list[bytes]] = []
+        for row in layout.rows:
+            images = []
+            for source in row:
+                if source[:4].lower() == "cid:":
+                    data = by_content_id.get(normalise_content_id(source[4:]))
+                else:
+                    data = decode_data_uri(source)
+                if data and image_format(data) is not None:
+                    images.append(data)
+            if images:
+                rows.append(images)
+        if sum(len(row) for row in rows) < 2:
+            continue
+        hidden_as = "nested-message" if layout.nested else "split"
+        tasks.append(DecodeTask("split", pack_split(rows), f"{layout.location} > split image {number}", hidden_as))
     return tasks
 
 
@@ -373,6 +514,10 @@ def _leaf_task(leaf: _Leaf, cid_references: set[str]) -> DecodeTask | None:
         # A PDF is never an inline image, whatever its Content-Disposition.
         pdf_hidden_as = "nested-message" if leaf.nested else "attachment"
         return DecodeTask("pdf", leaf.data, leaf.location, pdf_hidden_as, leaf.filename)
+    if is_zip(leaf.data):
+        office = leaf.lower_filename.endswith(OFFICE_EXTENSIONS) or "officedocument" in leaf.content_type
+        archive_hidden_as = "office" if office else "archive"
+        return DecodeTask("archive", leaf.data, leaf.location, _hidden_as(leaf, archive_hidden_as), leaf.filename)
     return None
 
 
@@ -402,10 +547,17 @@ def _is_attachment(leaf: _Leaf, cid_references: set[str]) -> bool:
     if leaf.nested or leaf.disposition == "attachment":
         return True
     if leaf.disposition == "inline":
-        return False
+        # Clients show only text, HTML and images in place; an "inline" part
+        # of another type with a filename (text/htm, "invoice.htm") is
+        # offered as a file to open.
+        return leaf.filename is not None and not _renders_inline(leaf.content_type)
     if leaf.filename is None:
         return False
     return not _is_inline(leaf, cid_references)
+
+
+def _renders_inline(content_type: str) -> bool:
+    return content_type in _INLINE_TYPES or content_type.startswith(("image/", "message/", "multipart/"))
 
 
 def _cap_tasks(tasks: list[DecodeTask], limits: ScanLimits, problems: list[ScanProblem]) -> None:
@@ -468,7 +620,8 @@ def _filename(part: email.message.Message) -> str | None:
 
     # Many senders put RFC 2047 encoded words in parameters, which RFC 2047
     # forbids but every client decodes.
-    name = _CONTROL.sub("", decode_header_value(str(name))).strip()
+    # An unclosed quote (filename="Email.htm) stays in the value; clients drop it.
+    name = _CONTROL.sub("", decode_header_value(str(name))).strip().strip('"').strip()
     return name[:MAX_FILENAME_CHARS] or None
 
 

@@ -8,7 +8,7 @@ actions instead of relaying:
 
 | action     | milter replies                                                       |
 | ---------- | -------------------------------------------------------------------- |
-| accept     | verdict headers inserted, forged prefix headers deleted, continue    |
+| accept     | relay headers inserted, forged ones deleted, continue                |
 | tag        | as accept, and the Subject changed                                   |
 | quarantine | hold: headers edited, SMFIR_QUARANTINE, continue. store: SMFIR_DISCARD |
 | reject     | `550 5.7.1` with the top rule                                        |
@@ -31,15 +31,16 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config, parse_milter_socket
 from ..errors import ConfigError, QuarantineError
-from ..model import Action, Envelope, Verdict
+from ..model import Action, Envelope
 from ..pipeline import Scanner, ScanResult
 from ..quarantine import QuarantineStore
-from ..stamp import edit_message, verdict_headers
+from ..stamp import edit_message, is_removed_field, relay_headers
 from .protocol import (SMFIF_ADDHDRS, SMFIF_CHGHDRS, SMFIF_QUARANTINE, Abort, BodyChunk, Connect,
                        Disconnected, EndOfMessage, Event, Header, Helo, Macros, MailFrom,
                        MilterCodec, MilterProtocolError, Negotiated, Quit, Recipient)
@@ -96,33 +97,33 @@ def _split_field(field_bytes: bytes) -> tuple[bytes, bytes]:
     return name, value
 
 
-def plan_header_edits(fields: list[bytes], verdict: Verdict, *, prefix: str,
-                      subject_tag: str | None) -> list[HeaderEdit]:
-    """Return the header edits that turn `fields` into what `stamp.stamp_message` produces.
+def plan_header_edits(fields: list[bytes], added: list[bytes], *, is_removed: Callable[[bytes], bool],
+                      prefix: str, subject_tag: str | None) -> list[HeaderEdit]:
+    """Return the header edits that give the message the SMTP proxy would relay.
 
-    `fields` are the rebuilt header fields in arrival order. Forged headers
-    with our prefix are deleted first, from the last occurrence of each name
-    backwards, so the indices still point at the same fields while inserted
-    headers with the same names do not exist yet.
+    `fields` are the rebuilt header fields in arrival order, `added` the
+    fields the proxy prepends (`stamp.relay_headers`) and `is_removed` the
+    proxy's test for incoming fields it drops (`stamp.is_removed_field`).
+    Removals come first, from the last occurrence of each name backwards, so
+    every index still points at the field it was computed for.
     """
     edits: list[HeaderEdit] = []
-    lowered_prefix = prefix.lower().encode("ascii")
 
     occurrences: dict[bytes, int] = {}
-    forged: list[tuple[int, bytes]] = []
+    removed: list[tuple[int, bytes]] = []
     subject: bytes | None = None
     for field_bytes in fields:
         name = field_bytes.split(b":", 1)[0]
         key = name.strip().lower()
         occurrences[key] = occurrences.get(key, 0) + 1
-        if key.startswith(lowered_prefix):
-            forged.append((occurrences[key], name))
+        if is_removed(field_bytes):
+            removed.append((occurrences[key], name))
         if key == b"subject" and subject is None:
             subject = field_bytes
-    for index, name in sorted(forged, key=lambda item: item[0], reverse=True):
+    for index, name in sorted(removed, key=lambda item: item[0], reverse=True):
         edits.append(HeaderEdit("change", index, name, None))
 
-    for position, field_bytes in enumerate(verdict_headers(verdict, prefix)):
+    for position, field_bytes in enumerate(added):
         name, value = _split_field(field_bytes)
         edits.append(HeaderEdit("insert", position, name, value))
 
@@ -362,8 +363,7 @@ class MilterSession:
 
         if verdict.action in (Action.ACCEPT, Action.TAG):
             tag = self.config["headers.subject_tag"] if verdict.action is Action.TAG else None
-            _send_edits(self.codec, plan_header_edits(message.fields, verdict, prefix=self.prefix,
-                                                      subject_tag=tag))
+            _send_edits(self.codec, self._header_edits(raw, message, result, tag))
             self.codec.continue_()
             return
 
@@ -376,6 +376,15 @@ class MilterSession:
             return
 
         self.codec.reply_code(REPLY_SCAN_TEMPFAIL)
+
+    def _header_edits(self, raw: bytes, message: _Message, result: ScanResult,
+                      subject_tag: str | None) -> list[HeaderEdit]:
+        sender = result.facts.sender
+        added = relay_headers(raw, result.verdict, sender.auth if sender is not None else None,
+                              tuple(message.rcpt_tos), self.config)
+        return plan_header_edits(message.fields, added,
+                                 is_removed=lambda field_bytes: is_removed_field(field_bytes, self.config),
+                                 prefix=self.prefix, subject_tag=subject_tag)
 
     async def _scan_with_progress(self, raw: bytes, envelope: Envelope, ref: str,
                                   writer: asyncio.StreamWriter) -> ScanResult:
@@ -397,8 +406,7 @@ class MilterSession:
                           message: _Message) -> None:
         verdict = result.verdict
         if self.config["milter.quarantine_mode"] == "hold":
-            _send_edits(self.codec, plan_header_edits(message.fields, verdict, prefix=self.prefix,
-                                                      subject_tag=None))
+            _send_edits(self.codec, self._header_edits(raw, message, result, None))
             self.codec.quarantine(f"quishguard score {verdict.score:.1f} "
                                   f"{verdict.top_rule or 'policy'}")
             self.codec.continue_()

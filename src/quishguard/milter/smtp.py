@@ -47,7 +47,7 @@ from ..errors import ConfigError, QuarantineError, RelayError
 from ..model import Action, Envelope
 from ..pipeline import Scanner
 from ..quarantine import QuarantineStore
-from ..stamp import stamp_message
+from ..stamp import relay_copy, stamp_secret
 from .relay import NextHop
 
 log = logging.getLogger(__name__)
@@ -112,15 +112,8 @@ class FilterSMTP(SMTP):
         self.line_length_limit = config["smtp.max_message_size"] + 1000
         super().__init__(handler, **kwargs)
         self.config = config
+        # Whether this session holds one of the `max_connections` places.
         self.counted = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # aiosmtpd calls this again after a STARTTLS handshake, on the same
-        # connection, so only the first call counts.
-        if not self.counted:
-            self.counted = True
-            self.event_handler.open_connections += 1
-        super().connection_made(transport)
 
     async def _handle_client(self) -> None:
         peer_ip = self.session.peer[0] if isinstance(self.session.peer, tuple) else None
@@ -129,13 +122,18 @@ class FilterSMTP(SMTP):
             await self.push(REPLY_NOT_ALLOWED.format(ip=peer_ip))
             self.transport.close()
             return
+        # Counted here, not in connection_made, so that a burst of refused
+        # connections does not count against the sessions already admitted.
+        # No await comes between the check and the increment.
         open_connections = self.event_handler.open_connections
-        if open_connections > self.config["smtp.max_connections"]:
+        if open_connections >= self.config["smtp.max_connections"]:
             log.warning("event=client_deferred reason=max_connections client=%s open=%d", peer_ip,
                         open_connections)
             await self.push(REPLY_TOO_MANY_CONNECTIONS)
             self.transport.close()
             return
+        self.counted = True
+        self.event_handler.open_connections += 1
         await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -181,6 +179,9 @@ class FilterHandler:
         self.relay_host, self.relay_port = relay
         self.prefix = config["headers.prefix"]
         self.open_connections = 0
+        if stamp_secret(config) is None:
+            log.warning("event=stamp_disabled reason=no_secret fix='set [stamp] secret so audit can "
+                        "tell which delivered messages passed the hop'")
 
     def _session_id(self, session: Session) -> str:
         sid = getattr(session, "qg_id", None)
@@ -304,8 +305,8 @@ class FilterHandler:
         if verdict.action in (Action.ACCEPT, Action.TAG):
             if hop is None:
                 return REPLY_INTERNAL_ERROR
-            tag = self.config["headers.subject_tag"] if verdict.action is Action.TAG else None
-            stamped = stamp_message(raw, verdict, prefix=self.prefix, subject_tag=tag)
+            auth = result.facts.sender.auth if result.facts.sender is not None else None
+            stamped = relay_copy(raw, verdict, auth, ours.rcpt_tos, self.config)
             try:
                 code, text = await hop.data(stamped)
             except RelayError as error:

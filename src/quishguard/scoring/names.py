@@ -71,8 +71,8 @@ def match_person(display_name: str, names: tuple[str, ...]) -> str:
     text = f" {' '.join(words)} "
     reversed_text = f" {' '.join(words[1:] + words[:1])} " if len(words) > 1 else text
     for name in names:
-        wanted = _normalise(name)
-        if wanted and (f" {wanted} " in text or f" {wanted} " in reversed_text):
+        expected = _normalise(name)
+        if expected and (f" {expected} " in text or f" {expected} " in reversed_text):
             return name
     return ""
 

@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Iterator
 from ..config import Config
 from ..model import Envelope, HtmlFacts, MessageFacts, QrCode, SenderFacts
 from .names import match_person, match_service, people
-from .urls import find_embedded_recipients, find_open_redirect, find_storage_page, payload_kind, qr_url
+from .urls import (find_embedded_recipients, find_open_redirect, find_storage_page, ip_host, payload_kind, qr_url,
+                   shortener_host)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ RULES: tuple[Rule, ...] = (
     Rule("QR_UNUSUAL_CARRIER", 2.0,
          "A QR code with a URL is drawn with HTML or text, split, in SVG, a data: URI, "
          "CSS, an archive, an Office file or a nested message.", "QR"),
+    Rule("QR_URL_SHORTENER", 1.5, "A QR code URL goes through a public URL shortener that hides its target.", "QR"),
+    # A QR code that opens a bare IP address is a phone-browser lure;
+    # legitimate printed codes name a domain.
+    Rule("QR_URL_IP_HOST", 3.0, "A QR code URL names an IP address instead of a domain.", "QR"),
     Rule("QR_RECIPIENT_EMBEDDED", 3.0, "A QR code URL embeds a recipient address (plain, percent-encoded or base64).",
          "QR"),
     Rule("URL_RECIPIENT_EMBEDDED", 2.0,
@@ -77,6 +82,8 @@ RULES: tuple[Rule, ...] = (
     Rule("REDIRECT_JS_LOCATION", 4.0, "HTML script sets window.location or an equivalent.", "REDIRECT"),
     Rule("PDF_ENCRYPTED", 1.0, "A PDF is encrypted, so its content could not be inspected.", "PDF"),
     Rule("PDF_JAVASCRIPT", 2.0, "A PDF contains JavaScript.", "PDF"),
+    Rule("PDF_LAUNCH_ACTION", 3.0, "A PDF link starts a /Launch action, which opens a file or runs a program.",
+         "PDF"),
     Rule("SENDER_DIRECT_SEND", 4.0,
          "From claims an organisation domain, but the mail came from outside without aligned "
          "authentication (DMARC pass from the hop, a trusted hop or a trusted ARC sealer).",
@@ -104,6 +111,23 @@ RULES: tuple[Rule, ...] = (
          "compauth).", "SENDER"),
     Rule("SENDER_AUTH_TEMPERROR", 0.1,
          "SPF, DKIM, DMARC or ARC could not be checked because a DNS lookup failed.", "SENDER"),
+    # Mail software writes consistent MIME, so two readers that split one
+    # message differently point to a message built to hide a part from
+    # filters. The part is inspected either way; the score is for the intent.
+    Rule("MIME_PARSER_MISMATCH", 3.0,
+         "The email package and the strict boundary scanner found different MIME parts.", "MIME"),
+    Rule("MIME_DUPLICATE_BOUNDARY", 3.0,
+         "A multipart header names two different boundaries (repeated or RFC 2231 split parameters).", "MIME"),
+    Rule("MIME_DOUBLE_CONTENT_TYPE", 2.0, "A MIME entity has more than one Content-Type header.", "MIME"),
+    # Low: truncated and sloppy bulk mail also ends without a close delimiter.
+    Rule("MIME_UNCLOSED_MULTIPART", 0.5, "A multipart body ends without its close delimiter.", "MIME"),
+    Rule("MIME_BROKEN_ENCODING", 1.0,
+         "A base64, quoted-printable or uuencoded part is invalid, so decoders may read different bytes.",
+         "MIME"),
+    Rule("MIME_HEADER_NESTING", 3.0,
+         "An address header nests comments deeply enough to crash recursive header parsers.", "MIME"),
+    # Low: some bulk mailers write unfolded header lines; RFC 5322 allows 998 octets.
+    Rule("MIME_LONG_HEADER_LINE", 0.5, "A header line is longer than the 998 octets RFC 5322 allows.", "MIME"),
     Rule("MIME_LIMIT", 1.0, "A configured scan limit (depth, parts, bytes, pixels, pages) cut the inspection short.",
          "MIME"),
     Rule("SCAN_INCOMPLETE", 0.5, "A part could not be inspected (time budget, decoder error).", "SCAN"),
@@ -208,6 +232,10 @@ def check_qr_codes(facts: MessageFacts, envelope: Envelope, config: Config) -> I
 
         if code.hidden_as in _UNUSUAL_CARRIERS:
             yield "QR_UNUSUAL_CARRIER", _qr_evidence(code, url)
+        if shortener_host(url):
+            yield "QR_URL_SHORTENER", _qr_evidence(code, url)
+        if ip_host(url):
+            yield "QR_URL_IP_HOST", _qr_evidence(code, url)
 
         # Any embedding counts here, even a plain ?email=: unlike newsletter
         # links, QR codes in legitimate mail rarely carry the reader's address.
@@ -336,6 +364,9 @@ def check_pdfs(facts: MessageFacts, envelope: Envelope, config: Config) -> Itera
             yield "PDF_ENCRYPTED", where
         if pdf.has_javascript:
             yield "PDF_JAVASCRIPT", where
+    for link in facts.links:
+        if link.source == "pdf-launch":
+            yield "PDF_LAUNCH_ACTION", f"{link.location}: {clip(link.url)}"
 
 
 # Sources of `SenderFacts.original_ip` that mean the first hop outside the
@@ -494,6 +525,27 @@ def check_sender_identity(facts: MessageFacts, envelope: Envelope, config: Confi
             f"first message from {clip(sender.from_address, 120)} with display name {person!r}")
 
 
+_MIME_ANOMALY_RULES = {
+    "parser-mismatch": "MIME_PARSER_MISMATCH",
+    "duplicate-boundary": "MIME_DUPLICATE_BOUNDARY",
+    "double-content-type": "MIME_DOUBLE_CONTENT_TYPE",
+    "unclosed-multipart": "MIME_UNCLOSED_MULTIPART",
+    "broken-encoding": "MIME_BROKEN_ENCODING",
+    "header-nesting": "MIME_HEADER_NESTING",
+    "long-header-line": "MIME_LONG_HEADER_LINE",
+}
+
+
+def check_mime_anomalies(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
+    """MIME and header constructs that mail readers interpret differently, from the two MIME readers."""
+    for anomaly in facts.mime_anomalies:
+        rule = _MIME_ANOMALY_RULES.get(anomaly.kind)
+        if rule is None:
+            logger.warning("unknown MIME anomaly kind %r at %s, ignored", anomaly.kind, anomaly.location)
+            continue
+        yield rule, f"{anomaly.location}: {clip(anomaly.detail)}"
+
+
 def check_scan_problems(facts: MessageFacts, envelope: Envelope, config: Config) -> Iterator[Hit]:
     """Report the parts the decoders could not inspect fully."""
     for problem in facts.problems:
@@ -518,5 +570,6 @@ CHECKS: tuple[Check, ...] = (
     check_sender,
     check_sender_authentication,
     check_sender_identity,
+    check_mime_anomalies,
     check_scan_problems,
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import itertools
 import re
 from dataclasses import dataclass
@@ -79,6 +80,10 @@ _PAYLOAD_KINDS: tuple[tuple[str, str], ...] = (
 def payload_kind(payload: str) -> str:
     """Name the kind of a QR payload that `qr_url` did not take as a URL."""
     text = payload.replace("\r\n", " ").replace("\n", " ")
+    # EMVCo merchant-presented QR codes start with the payload format
+    # indicator "000201"; Brazil's PIX is one, naming its key domain.
+    if text.startswith("000201"):
+        return "PIX payment (EMV)" if "br.gov.bcb.pix" in text.lower() else "EMV payment"
     for prefix, kind in _PAYLOAD_KINDS:
         if text[: len(prefix)].upper() == prefix.upper():
             return kind
@@ -457,3 +462,38 @@ def find_storage_page(url: str) -> str | None:
         if path.endswith(_PAGE_SUFFIXES):
             return service
     return None
+
+
+# Public URL shorteners: the QR code hides the real target behind them. Kept
+# short on purpose; QR-code services' own short domains (qrco.de) are left
+# out, because legitimate printed codes use them widely.
+_SHORTENER_HOSTS = frozenset({
+    "bit.ly", "tinyurl.com", "t.ly", "is.gd", "cutt.ly", "rb.gy", "shorturl.at", "t.co", "ow.ly", "s.id",
+    "rebrand.ly", "tiny.cc", "v.gd", "bl.ink", "short.io", "shorturl.gg", "urlz.fr", "l.ead.me",
+})
+
+
+def shortener_host(url: str) -> str | None:
+    """Return the host when `url` goes through a public URL shortener, else None."""
+    host = _host_of(url).rstrip(".").lower().removeprefix("www.")
+    return host if host in _SHORTENER_HOSTS else None
+
+
+def ip_host(url: str) -> str | None:
+    """Return the host when `url` names an IP address instead of a domain, else None.
+
+    Decimal and hexadecimal forms of IPv4 (http://3232235777/) count too,
+    because browsers accept them.
+    """
+    host = _host_of(url).rstrip(".").lower()
+    if not host:
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if re.fullmatch(r"\d{8,10}|0x[0-9a-f]{1,8}", host):
+        return host
+    return None
+
