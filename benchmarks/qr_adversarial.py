@@ -121,13 +121,19 @@ def build_rotation(rng, payload):
 
 
 def build_perspective(rng, payload):
-    # Padded first, so that the tilted code keeps a quiet zone inside the frame.
+    """A code photographed at an angle: the corners of the padded image move inward by up to 15 %."""
+    import cv2
+
     code = qr_gray(payload, 6)
-    image = ImageOps.expand(code, border=code.width // 4, fill=255)
-    width, height = image.size
-    shift = rng.uniform(0.08, 0.2) * width
-    quad = (shift, 0, 0, height, width, height, width - shift * 0.5, 0)
-    return png(image.transform((width, height), Image.Transform.QUAD, quad, fillcolor=255))
+    image = np.asarray(ImageOps.expand(code, border=code.width // 4, fill=255))
+    height, width = image.shape
+    source = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
+    inset = [rng.uniform(0, 0.15) for _ in range(4)]
+    target = np.float32([[inset[0] * width, inset[0] * height / 2], [width - inset[1] * width, inset[1] * height / 3],
+                         [width - inset[2] * width / 2, height - inset[2] * height], [inset[3] * width / 3, height]])
+    matrix = cv2.getPerspectiveTransform(source, target)
+    warped = cv2.warpPerspective(image, matrix, (width, height), borderValue=255, flags=cv2.INTER_LINEAR)
+    return png(Image.fromarray(warped, "L"))
 
 
 def build_blur(rng, payload):
@@ -388,12 +394,13 @@ def main() -> int:
     false_payloads: list[tuple[str, str]] = []
     image_ms: list[float] = []
     message_ms: list[float] = []
-    over_limit = 0
+    over_limit: list[str] = []
     TASKS["image"](DecodeTask("image", build_clean(random.Random(0), "warm-up"), "warm", "attachment"), LIMITS)
 
     for case in cases:
         payloads, seconds, slowest = run_case(case)
-        over_limit += slowest > HARD_LIMIT_SECONDS
+        if slowest > HARD_LIMIT_SECONDS:
+            over_limit.append(f"{case.category} {slowest:.1f} s")
         if case.image is not None and case.payload is not None:
             image_ms.append(seconds * 1000)
         elif case.message is not None:
@@ -420,7 +427,8 @@ def main() -> int:
           f"max {max(image_ms):.1f}")
     print(f"ms per message: median {statistics.median(message_ms):.1f}, p95 {percentile(message_ms, 0.95):.1f}, "
           f"max {max(message_ms):.1f}")
-    print(f"tasks over the hard per-image limit ({HARD_LIMIT_SECONDS:g} s): {over_limit}")
+    print(f"tasks over the hard per-image limit ({HARD_LIMIT_SECONDS:g} s): {len(over_limit)}"
+          + (f" ({', '.join(over_limit)})" if over_limit else ""))
     return 0
 
 

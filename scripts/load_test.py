@@ -242,7 +242,7 @@ async def run(args: argparse.Namespace) -> int:
     print(f"| greeted (220) | {greeted} |")
     print(f"| refused by the limit (421) | {refused} |")
     print(f"| connect errors | {failed} |")
-    print(f"| connections held at | {held_at:.1f} s |")
+    print(f"| time until every connect finished | {held_at:.1f} s |")
     print(f"| messages sent | {args.messages} ({args.concurrency} at a time) |")
     print(f"| accepted (250) | {len(accepted)} |")
     print(f"| not accepted in the end | {refused_final} |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import dkim
@@ -81,3 +82,23 @@ async def test_hop_relays_signed_internal_qr(hop, next_hop):
     assert re.search(rb"dmarc=pass \([^)]*\) header.from=example.com", headers)
     assert b"header.from=example.net" not in headers
     assert verify_stamp(relayed, SECRET.encode(), "X-Quishguard-", ["bob@example.com"]).status == "valid"
+
+
+@pytest.mark.parametrize(("flags", "evidence"), [(["--dns"], "dmarc=fail (p=reject)"), ([], "no DNS checks")])
+def test_scan_dns_flag(tmp_path, capsys, dns_server, flags, evidence):
+    from quishguard.cli import main
+
+    config = tmp_path / "quishguard.toml"
+    config.write_text(f'[org]\ndomains = ["example.com"]\n\n[dns]\nservers = ["{dns_server.address}"]\n'
+                      'timeout_seconds = 0.5\n')
+    message = tmp_path / "spoof.eml"
+    received = "Received: from mail.attacker.test (mail.attacker.test [203.0.113.45]) by mx.example.com; " \
+               "Mon, 2 Nov 2026 09:30:00 +0000\r\n"
+    message.write_bytes(received.encode() + make_message(sender="ceo@example.com"))
+
+    code = main(["scan", "--config", str(config), "--format", "json", *flags, str(message)])
+    record = json.loads(capsys.readouterr().out)
+    details = {finding["rule"]: finding["detail"] for finding in record["findings"]}
+
+    assert code == 0
+    assert evidence in details["SENDER_DIRECT_SEND"]

@@ -92,4 +92,4 @@ def test_readme_lists_every_key():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
     for row in reference_markdown().splitlines()[2:]:
-        assert row in readme, f"README.md lacks or differs in: {row}"
+        assert row in readme, f"README.md lacks or differs in: {row}; run scripts/update_readme_config.py"

@@ -282,7 +282,9 @@ async def _milter(config: Config) -> int:
     store = QuarantineStore(config.data_dir)
     scanner = Scanner.for_hop(config)
     await scanner.start()
+    operations: list = []
     try:
+        operations = await start_operations(config, store, scanner.pool)
         server = await start_milter_server(config, scanner, store)
         log.info("event=started version=%s mode=milter config=%s data_dir=%s", __version__,
                  config.source, config.data_dir)
@@ -290,6 +292,7 @@ async def _milter(config: Config) -> int:
         log.info("event=stopping")
         server.close()
     finally:
+        await stop_operations(operations)
         await scanner.close()
     return EXIT_OK
 

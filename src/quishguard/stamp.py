@@ -6,6 +6,13 @@ prefix are removed (so a sender cannot forge a verdict), the Subject gets the
 tag prefix for the tag action, and our headers are prepended. Values follow
 RFC 5322 (lines folded under 78 characters) and RFC 2047 (non-ASCII text as
 encoded-words); CR, LF and other control characters are removed first.
+
+Relayed mail also gets our Authentication-Results field (RFC 8601) with the
+hop's SPF, DKIM, DMARC and ARC results, after incoming fields that claim our
+authserv-id are removed (RFC 8601, section 5). With `[stamp] secret` set it
+gets the `Stamp` field: an HMAC-SHA256 over Message-ID, Date, From, the
+envelope recipients, the action and a timestamp, which `quishguard audit`
+checks on delivered copies.
 """
 
 from __future__ import annotations
@@ -299,7 +306,7 @@ def stamp_field(raw: bytes, recipients: list[str] | tuple[str, ...], action: str
 
 @dataclass(frozen=True)
 class StampCheck:
-    """The result of checking a delivered copy's stamp: `status` is valid, missing or invalid."""
+    """Outcome of checking a delivered copy's stamp: `status` is valid, missing or invalid."""
 
     status: str
     reason: str = ""

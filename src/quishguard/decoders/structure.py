@@ -25,6 +25,7 @@ import email
 import email.errors
 import email.header
 import email.message
+import email.parser
 import email.policy
 import logging
 import re
@@ -134,16 +135,24 @@ def decode_header_value(value: str) -> str:
 
 
 def _analyse(raw: bytes, limits: ScanLimits, facts: MessageFacts, tasks: list[DecodeTask]) -> None:
+    parsed = True
     try:
         message = email.message_from_bytes(raw, policy=email.policy.compat32)
     except RecursionError:
         facts.problems.append(ScanProblem("message", "limit", "MIME nesting too deep to parse"))
         return
+    except TypeError:
+        # CPython 3.11's decode_params fails on `name*` next to `name*0`; the
+        # boundary scan then finds the parts alone.
+        log.info("event=mime_parse_failed reader=email error=TypeError")
+        message = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+        parsed = False
 
     _read_headers(message, facts)
 
     walk = _Walk(limits, facts.problems)
-    _walk_entity(walk, message, "message", "", depth=0, nested=False)
+    if parsed:
+        _walk_entity(walk, message, "message", "", depth=0, nested=False)
     _add_boundary_scan(walk, raw, facts)
 
     cid_references: set[str] = set()
@@ -212,6 +221,9 @@ def _walk_entity(
         walk.problems.append(
             ScanProblem(here, "limit", f"MIME nesting deeper than max_mime_depth={limits.max_mime_depth}; skipped")
         )
+        return
+
+    if not _parameters_readable(entity):
         return
 
     content_type = entity.get_content_type()
@@ -315,6 +327,21 @@ def _decode_leaf(
     return leaf
 
 
+def _parameters_readable(entity: email.message.Message) -> bool:
+    """Tell whether the `email` package can read this entity's MIME parameters.
+
+    CPython 3.11's `email.utils.decode_params` raises TypeError when an RFC
+    2231 `name*` meets `name*0`, in every call that reads a parameter. Such
+    an entity is left to the boundary scan, which reports the difference.
+    """
+    try:
+        entity.get_params()
+        entity.get_params(header="content-disposition")
+    except TypeError:
+        return False
+    return True
+
+
 def _add_boundary_scan(walk: _Walk, raw: bytes, facts: MessageFacts) -> None:
     """Read `raw` again with the strict boundary scanner; add its anomalies and the leaves only it found.
 
@@ -369,6 +396,9 @@ def _walk_attached_bytes(walk: _Walk, leaf: _Leaf, prefix: str, section: str, de
         inner = email.message_from_bytes(leaf.data, policy=email.policy.compat32)
     except RecursionError:
         walk.problems.append(ScanProblem(inner_prefix, "limit", "MIME nesting too deep to parse"))
+        return
+    except TypeError:
+        # See `_analyse`: the boundary scan reads this message's parts instead.
         return
     _walk_entity(walk, inner, inner_prefix, "", depth=depth + 1, nested=True)
 

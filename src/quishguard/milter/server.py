@@ -37,6 +37,7 @@ from pathlib import Path
 
 from ..config import Config, parse_milter_socket
 from ..errors import ConfigError, QuarantineError
+from ..events import emit_verdict
 from ..model import Action, Envelope
 from ..pipeline import Scanner, ScanResult
 from ..quarantine import QuarantineStore
@@ -361,21 +362,30 @@ class MilterSession:
                  verdict.score, verdict.action.label,
                  ",".join(f.rule for f in verdict.findings) or "-", result.seconds)
 
+        reply = await self._act(ref, raw, envelope, result, message)
+        emit_verdict(session_id=ref, envelope=envelope, result=result, reply=reply,
+                     queue_id=self.macro("i"), front_end="milter")
+
+    async def _act(self, ref: str, raw: bytes, envelope: Envelope, result: ScanResult,
+                   message: _Message) -> str:
+        """Carry out the verdict with milter replies; return a summary of the reply for the event log."""
+        verdict = result.verdict
         if verdict.action in (Action.ACCEPT, Action.TAG):
             tag = self.config["headers.subject_tag"] if verdict.action is Action.TAG else None
             _send_edits(self.codec, self._header_edits(raw, message, result, tag))
             self.codec.continue_()
-            return
+            return "continue"
 
         if verdict.action is Action.QUARANTINE:
-            await self._quarantine(ref, raw, envelope, result, message)
-            return
+            return await self._quarantine(ref, raw, envelope, result, message)
 
         if verdict.action is Action.REJECT:
-            self.codec.reply_code(REPLY_REJECTED.format(rule=verdict.top_rule or "policy"))
-            return
+            reply = REPLY_REJECTED.format(rule=verdict.top_rule or "policy")
+            self.codec.reply_code(reply)
+            return reply
 
         self.codec.reply_code(REPLY_SCAN_TEMPFAIL)
+        return REPLY_SCAN_TEMPFAIL
 
     def _header_edits(self, raw: bytes, message: _Message, result: ScanResult,
                       subject_tag: str | None) -> list[HeaderEdit]:
@@ -403,7 +413,7 @@ class MilterSession:
                 task.cancel()
 
     async def _quarantine(self, ref: str, raw: bytes, envelope: Envelope, result: ScanResult,
-                          message: _Message) -> None:
+                          message: _Message) -> str:
         verdict = result.verdict
         if self.config["milter.quarantine_mode"] == "hold":
             _send_edits(self.codec, self._header_edits(raw, message, result, None))
@@ -411,7 +421,7 @@ class MilterSession:
                                   f"{verdict.top_rule or 'policy'}")
             self.codec.continue_()
             log.info("session=%s event=held queue_id=%s", ref, envelope.queue_id or "-")
-            return
+            return "quarantine (hold queue)"
 
         try:
             quarantine_id = await asyncio.to_thread(
@@ -421,10 +431,11 @@ class MilterSession:
             log.error("session=%s event=quarantine_failed queue_id=%s error=%s", ref,
                       envelope.queue_id or "-", error)
             self.codec.reply_code(REPLY_QUARANTINE_FAILED)
-            return
+            return REPLY_QUARANTINE_FAILED
         log.info("session=%s event=quarantined queue_id=%s quarantine_id=%s", ref,
                  envelope.queue_id or "-", quarantine_id)
         self.codec.discard()
+        return f"discard (quarantine id {quarantine_id})"
 
 
 # -- the listener --------------------------------------------------------------

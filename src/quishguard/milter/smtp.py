@@ -66,7 +66,7 @@ REPLY_XFORWARD_DENIED = "550 5.7.0 XFORWARD not allowed for this client"
 REPLY_XFORWARD_SYNTAX = "501 5.5.4 Syntax: XFORWARD attribute=value ..."
 
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO", "PORT", "IDENT", "SOURCE")
-ANNOUNCED_XFORWARD = "XFORWARD NAME ADDR PROTO HELO"
+ANNOUNCED_XFORWARD = "XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE"
 
 # A CR not followed by LF, or an LF not preceded by CR.
 BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")

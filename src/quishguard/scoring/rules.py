@@ -91,7 +91,9 @@ RULES: tuple[Rule, ...] = (
     # Alone this stays far below tag: many legitimate messages are sent to
     # oneself (notes, calendar and form copies), but a lure sent "from" the
     # reader's own address is a common way around sender-reputation filters.
-    Rule("SENDER_FROM_IS_RECIPIENT", 1.0, "The From address is the recipient's own address.", "SENDER"),
+    # Kept at 0.5 so that it cannot lift one other 3.5-point finding to tag;
+    # COMBO_SELF_ADDRESSED_LURE carries the weight when a lure is present.
+    Rule("SENDER_FROM_IS_RECIPIENT", 0.5, "The From address is the recipient's own address.", "SENDER"),
     Rule("SENDER_DISPLAY_NAME_PERSON", 3.0,
          "The From display name is a person of the organisation ([org] people), but the sender is "
          "outside the organisation or fails authentication.", "SENDER"),
@@ -500,18 +502,18 @@ def check_sender_identity(facts: MessageFacts, envelope: Envelope, config: Confi
     if address in recipients and not _authenticated(sender):
         yield "SENDER_FROM_IS_RECIPIENT", f"From {clip(sender.from_address, 120)} is a recipient"
 
-    why = "outside the organisation" if external else failing or (
+    impersonation_reason = "outside the organisation" if external else failing or (
         "organisation domain from outside without authentication" if unauthenticated_org else "")
     person = match_person(sender.display_name, people(config))
-    if person and why:
+    if person and impersonation_reason:
         yield "SENDER_DISPLAY_NAME_PERSON", (
             f"display name {clip(sender.display_name, 80)!r} matches {person!r}, "
-            f"sender {clip(sender.from_address, 120)} {why}")
+            f"sender {clip(sender.from_address, 120)} {impersonation_reason}")
     service = match_service(sender.display_name)
-    if service and why:
+    if service and impersonation_reason:
         yield "SENDER_DISPLAY_NAME_SERVICE", (
             f"display name {clip(sender.display_name, 80)!r} poses as {service}, "
-            f"sender {clip(sender.from_address, 120)} {why}")
+            f"sender {clip(sender.from_address, 120)} {impersonation_reason}")
 
     looks_internal = internal_domain or person or service
     outside_reply = [reply for reply in sender.reply_to
