@@ -80,7 +80,7 @@ def png(image: Image.Image, image_format: str = "PNG", **options) -> bytes:
 
 
 def photo_background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
-    """A smooth gradient with texture, standing in for a photograph."""
+    """Draw a smooth gradient with texture, standing in for a photograph."""
     width, height = size
     x = np.linspace(0, 1, width)[None, :]
     y = np.linspace(0, 1, height)[:, None]

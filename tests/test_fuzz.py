@@ -30,7 +30,7 @@ EXAMPLES = int(os.environ.get("QUISHGUARD_FUZZ_EXAMPLES", "0"))
 settings.register_profile(
     "quishguard",
     max_examples=EXAMPLES or 40,
-    # A fixed seed in CI, so a run is reproducible; a long local run explores.
+    # CI runs with a fixed seed, so that a failure reproduces. A long local run explores.
     derandomize=not EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -228,6 +228,8 @@ STRUCTURE_REGRESSIONS = {
                                              b"x\r\n--b--\r\n"),
     "rfc 2231 charset star and star zero": (b"Content-Type: text/plain; charset*=a; charset*0=b\r\n\r\nx\r\n"),
     "rfc 2231 mix with 8-bit body": b"Content-Type: text/plain; boundary*0=a; boundary*=a\r\n\r\n\xc2\x80",
+    "8-bit charset on a part only the scan finds": (b"Content-Type: multipart/mixed\r\nContent-Type: multipart/"
+                                                    b"alternative; charset=\xc2\x80; boundary=a\r\na\r\n\r\n"),
     "rfc 2231 mix in attached eml": (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
                                      b"Content-Disposition: attachment; filename=f.eml\r\n\r\n"
                                      b"Content-Type: multipart/mixed; boundary*=c; boundary*0=c\r\n\r\n"
@@ -260,3 +262,15 @@ def test_sender_regressions():
     sender = judge_sender(headers, Envelope("a@example.net", ("b@example.com",)), OrgPolicy())
 
     assert sender.from_address is None
+
+
+def test_pdf_regressions():
+    # A page tree without /Kids makes MuPDF raise FzErrorFormat, which is no RuntimeError.
+    broken_tree = PDF_SEED.replace(b"/Kids[", b"/ids[", 1)
+    task = DecodeTask("pdf", broken_tree, "message > part 2 (application/pdf)", "attachment")
+
+    facts = decode_pdf_task(task, LIMITS)
+
+    assert broken_tree != PDF_SEED
+    assert [problem.kind for problem in facts.problems] == ["incomplete"]
+    assert "page 1" in facts.problems[0].location

@@ -114,6 +114,8 @@ class Scanner:
     async def close(self) -> None:
         if self._own_pool:
             await self.pool.close()
+        if self.senders_seen is not None:
+            self.senders_seen.close()
 
     async def scan(self, raw: bytes, envelope: Envelope | None, *, message_ref: str = "-") -> ScanResult:
         """Inspect `raw` and return its verdict; `envelope` None means take it from the headers."""

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 MODULE_PIXELS = 4
 QUIET_ZONE_MODULES = 4
 
-# Longest side of an SVG render: enough for a version-40 code (177 modules)
+# Max side of an SVG render in pixels: enough for a version-40 code (177 modules)
 # at 5 px per module, and far below any pixel limit.
 SVG_RENDER_SIDE = 1000
 

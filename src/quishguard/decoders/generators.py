@@ -28,7 +28,7 @@ DEFAULT_QR_GENERATORS: tuple[str, ...] = (
     "qrcode.tec-it.com/api/qrcode?data",
 )
 
-MAX_PAYLOAD_CHARS = 4296  # the most characters a QR code holds (version 40, alphanumeric)
+MAX_PAYLOAD_CHARS = 4296  # max characters in one QR code (version 40, alphanumeric mode)
 
 
 @dataclass(frozen=True)

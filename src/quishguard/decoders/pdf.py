@@ -55,8 +55,11 @@ MAX_OBJECTS_SEARCHED = 200_000
 _JAVASCRIPT = re.compile(r"/(?:JavaScript|JS)\b")
 
 # PyMuPDF raises FileDataError (a RuntimeError) for damaged files and
-# RuntimeError or ValueError from MuPDF for damaged objects.
-_MUPDF_ERRORS = (RuntimeError, ValueError)
+# RuntimeError or ValueError from MuPDF for damaged objects. Its low-level
+# calls raise FzErrorBase subclasses, which are plain Exceptions, such as
+# FzErrorFormat for a malformed page tree and FzErrorSystem when an
+# allocation fails under the worker's memory limit (PyMuPDF 1.28).
+_MUPDF_ERRORS = (RuntimeError, ValueError, pymupdf.mupdf.FzErrorBase)
 
 
 def decode_pdf(task: DecodeTask, limits: ScanLimits) -> PartialFacts:

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # The WeChat detector's cost grows with the pixel count, so it gets a copy at
 # most this wide or high. The recall figures above were measured that way.
+# NOTE: on per-pixel noise without a code it still takes 13 to 21 s at this
+# size (2-CPU VM, docs/qr-benchmark.md); only the worker pool's per-part
+# kill (`ScanLimits.image_seconds`) bounds it.
 SHRUNK_MAX_SIDE = 1600
 
 _QR_FORMATS = (

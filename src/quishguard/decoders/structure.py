@@ -364,7 +364,8 @@ def _scanned_leaf(part: ScannedPart) -> _Leaf:
     """Wrap a part only the boundary scan found, so it is inspected like any other leaf."""
     headers = email.message.Message()
     headers["Content-Type"] = part.content_type
-    if part.charset:
+    # A charset with 8-bit bytes names no codec; such text is read as UTF-8.
+    if part.charset and part.charset.isascii() and part.charset.isprintable():
         headers.set_param("charset", part.charset)
     filename = _CONTROL.sub("", decode_header_value(part.filename)).strip()[:MAX_FILENAME_CHARS] or None \
         if part.filename else None
