@@ -15,7 +15,6 @@ Messages are read and parsed, never opened in a browser or fetched from.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import mailbox
 import re
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
-from .decoders.sender import judge_sender, received_client_ip
+from .decoders.sender import get_addresses, judge_sender, received_client_ip
 from .model import Envelope
 from .pipeline import org_policy
 from .stamp import authserv_id, split_message, verify_stamp
@@ -179,7 +178,7 @@ def audit_message(raw: bytes, where: str, config: Config) -> AuditRecord:
     """Audit one delivered message."""
     headers = _headers(raw)
     recipients = [address for name, value in headers if name.lower() in _RECIPIENT_HEADERS
-                  for _display, address in email.utils.getaddresses([value]) if "@" in address]
+                  for _display, address in get_addresses([value]) if "@" in address]
     secret = config["stamp.secret"].encode("utf-8")
     check = verify_stamp(raw, secret, config["headers.prefix"], recipients)
 

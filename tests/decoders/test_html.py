@@ -250,3 +250,18 @@ def test_html_unclosed_css_urls_fast():
 
     assert analysis.embedded_images == []
     assert analysis.visible_text == "x"
+
+
+def test_html_saferedirecturl_collected():
+    result = analyse('<a href="https://shop.example.test/" data-saferedirecturl="https://www.google.com/url?'
+                     'q=https://shop.example.test/&amp;source=gmail">Shop</a>')
+
+    assert ("https://www.google.com/url?q=https://shop.example.test/&source=gmail", "html-saferedirecturl") in [
+        (link.url, link.source) for link in result.links]
+
+
+def test_html_visible_text_urls_collected():
+    result = analyse('<p>Open https://portal.example.test/sign-in. Thanks</p>'
+                     '<p style="display:none">https://hidden.example.test/</p>')
+
+    assert [(link.url, link.source) for link in result.links] == [("https://portal.example.test/sign-in", "html-text")]

@@ -330,3 +330,37 @@ def test_structure_pdf_task_gets_quoted_passwords():
     _facts, tasks = analyse(raw)
 
     assert [(task.kind, task.passwords) for task in tasks] == [("pdf", ("123",)), ("image", ())]
+
+
+UNCLOSED_QUOTE_MESSAGE = (
+    b"From: a@example.com\r\nTo: user@example.org\r\nSubject: doc\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed;\r\n\tboundary="----=_Part_7\r\n\r\n'
+    b"------=_Part_7\r\nContent-Type: text/plain\r\n\r\nsee file\r\n"
+    b'------=_Part_7\r\nContent-Type: text/htm\r\nContent-Disposition: inline; filename="Email.htm\r\n\r\n'
+    b"<script>window.location='https://lure.example.test/x'</script>\r\n------=_Part_7--\r\n"
+)
+
+
+def test_structure_unclosed_boundary_quote_repaired():
+    facts, _tasks = analyse(UNCLOSED_QUOTE_MESSAGE)
+
+    assert [part.content_type for part in facts.parts] == ["text/plain", "text/htm"]
+    assert facts.parts[1].filename == "Email.htm"
+    assert facts.parts[1].is_attachment is True
+    assert facts.html[0].js_redirects == ("https://lure.example.test/x",)
+    assert facts.problems == []
+
+
+def test_structure_missing_boundary_recorded():
+    raw = UNCLOSED_QUOTE_MESSAGE.replace(b"------=_Part_7", b"------=_Other_1")
+    facts, _tasks = analyse(raw)
+
+    assert [problem.kind for problem in facts.problems] == ["incomplete"]
+    assert "without its boundary" in facts.problems[0].reason
+
+
+def test_structure_truncated_multipart_no_problem():
+    raw = UNCLOSED_QUOTE_MESSAGE.split(b"------=_Part_7\r\n")[0]
+    facts, _tasks = analyse(raw)
+
+    assert facts.problems == []

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 
 import pymupdf
 from PIL import Image
@@ -205,7 +206,8 @@ def _render_page(page: pymupdf.Page, location: str, limits: ScanLimits, facts: P
 
     pixmap = page.get_pixmap(dpi=dpi, colorspace=pymupdf.csGRAY, alpha=False)
     image = Image.frombytes("L", (pixmap.width, pixmap.height), pixmap.samples)
-    result = decode_qr(image)
+    # Half the per-image limit, so the cascade stops itself before the pool kills the worker.
+    result = decode_qr(image, time.monotonic() + limits.image_seconds / 2)
     if result.errors and not result.payloads:
         facts.problems.append(ScanProblem(location, "incomplete", "QR backends failed: " + ", ".join(result.errors)))
 

@@ -236,11 +236,13 @@ def _walk_entity(
 
     if content_type.startswith("multipart/") and not entity.is_multipart():
         repaired = _repair_multipart(entity)
-        if repaired is None:
+        body = entity.get_payload()
+        # A truncated message without any part headers lost nothing to inspect.
+        if repaired is None and isinstance(body, str) and "content-type:" in body.lower():
             walk.problems.append(ScanProblem(
                 here, "incomplete",
-                f"{content_type} without its boundary in the body; read as one text part"))
-        else:
+                f"{content_type} without its boundary in the body; its parts were not inspected"))
+        elif repaired is not None:
             entity, payload = repaired, repaired.get_payload()
 
     if entity.is_multipart() and isinstance(payload, list):
