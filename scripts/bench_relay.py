@@ -11,7 +11,7 @@ runs inside this process:
   temporary `--data-dir`, and thresholds of 1000 so that every message is
   relayed instead of quarantined. The figures measure the cost of scanning,
   not of the actions. Its SPF, DKIM and DMARC lookups go to a stub resolver
-  in this process on 127.0.0.1 that answers every query with NXDOMAIN.
+  in this process on 127.0.0.1 that replies NXDOMAIN to every query.
 
 Each hop is started as a subprocess on a free 127.0.0.1 port, warmed up with
 a few messages, then sent the whole set with `--concurrency` clients. Each
@@ -248,7 +248,7 @@ def nxdomain_reply(query: bytes) -> bytes | None:
 
 
 class DnsStub(asyncio.DatagramProtocol):
-    """UDP resolver on loopback that answers every query at once with NXDOMAIN.
+    """UDP resolver on loopback that replies NXDOMAIN to every query at once.
 
     quishguard's hop checks SPF, DKIM and DMARC through DNS. The stub keeps
     those queries on this machine and makes them cost one loopback round trip,
@@ -544,6 +544,16 @@ def first_failures(outcomes: list[Outcome]) -> dict[str, str]:
     return failures
 
 
+def code_version() -> str | None:
+    """Return `git describe --always --dirty` of the repository, or None outside a git checkout."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT,
+                                   capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return described.stdout.strip() or None
+
+
 def machine_facts() -> dict[str, object]:
     model = "unknown"
     try:
@@ -710,6 +720,7 @@ def write_json(path: str, plain: PathFigures, guarded: PathFigures, ratio: float
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "code_version": code_version(),
         "folders": [str(f) for f in folders],
         "unique_messages": unique_messages,
         "repeat": args.repeat,
@@ -777,19 +788,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "on loopback, and compare throughput and latency.")
     parser.add_argument("paths", nargs="*", metavar="PATH",
                         help="folder (every *.eml below) or .eml file; default: the labelled "
-                             "corpus folder beside the repository, if present, and samples/")
-    parser.add_argument("--concurrency", type=positive_int, default=8,
+                             f"corpus folder beside the repository ({CORPUS_DIR}), if present, "
+                             "and samples/")
+    parser.add_argument("--concurrency", type=positive_int, default=8, metavar="N",
                         help="SMTP sessions in flight at once (default: 8)")
-    parser.add_argument("--repeat", type=positive_int, default=1,
+    parser.add_argument("--repeat", type=positive_int, default=1, metavar="N",
                         help="times the whole set is sent through each hop (default: 1)")
-    parser.add_argument("--warmup", type=int, default=5,
+    parser.add_argument("--warmup", type=int, default=5, metavar="N",
                         help="messages sent through each hop before timing starts (default: 5)")
-    parser.add_argument("--timeout", type=float, default=120.0,
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                         help="client timeout per SMTP command, in seconds (default: 120)")
-    parser.add_argument("--startup-timeout", type=float, default=60.0,
+    parser.add_argument("--startup-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="seconds to wait for each hop to greet on its port; quishguard "
                              "starts decoder processes first (default: 60)")
-    parser.add_argument("--workers", type=int, default=0,
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="quishguard decoder worker processes (scan.workers). 0 means one per "
                              "CPU core (default: 0)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

@@ -262,6 +262,7 @@ def build_figures(labels: dict[str, Label], run: ScanRun, corpus: Path, config: 
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "corpus": str(corpus),
         "config": config,
+        "code_version": code_version(),
         "machine": machine,
         "messages": len(verdicts),
         "phish": len(phish),
@@ -302,6 +303,16 @@ def build_figures(labels: dict[str, Label], run: ScanRun, corpus: Path, config: 
                              "features": list(label.features), "rules": v.rules}
                             for label, v in featured if v.action not in TAG_OR_WORSE],
     }
+
+
+def code_version() -> str | None:
+    """Return `git describe --always --dirty` of the repository, or None outside a git checkout."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT,
+                                   capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return described.stdout.strip() or None
 
 
 def machine_facts() -> dict[str, object]:
@@ -432,13 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "positive figures.")
     parser.add_argument("corpus", nargs="?", default=str(CORPUS_DIR),
                         help="corpus folder with *.eml files and labels.tsv; default: the "
-                             "labelled corpus folder beside the repository")
+                             f"labelled corpus folder beside the repository ({CORPUS_DIR})")
     parser.add_argument("--config", metavar="FILE",
                         help="quishguard TOML configuration to scan with (default: built-in defaults)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     parser.add_argument("--misses", action="store_true",
                         help="list the featured phish below tag with their features and findings")
-    parser.add_argument("--timeout", type=float, default=1800.0,
+    parser.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
                         help="seconds the whole scan may take before it is stopped (default: 1800)")
     return parser
 

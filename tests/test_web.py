@@ -217,6 +217,8 @@ def browser_release(base: str, subject: str, profile: Path) -> tuple[str, str]:
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:
         driver.set_page_load_timeout(20)
+        # Each click submits a form; element lookups wait for the next page.
+        driver.implicitly_wait(10)
         driver.get(f"{base}/")
         driver.find_element(By.ID, "token").send_keys(TOKEN)
         driver.find_element(By.ID, "login").click()
