@@ -184,7 +184,9 @@ async def run(args: argparse.Namespace) -> int:
     config = folder / "quishguard.toml"
     config.write_text(f'[smtp]\nlisten = "127.0.0.1:{listen}"\nmax_connections = {args.max_connections}\n'
                       f'[sink]\nlisten = "127.0.0.1:{sink}"\n[quarantine]\ndata_dir = "{folder / "data"}"\n'
-                      f'[scan]\nworkers = {args.workers}\n')
+                      f'[scan]\nworkers = {args.workers}\n'
+                      # The soak measures the hop, not DNS; it must not query outside loopback.
+                      '[dns]\nenabled = false\n')
     log = open(folder / "serve.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "quishguard", "serve", "--config", str(config),
                                "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)

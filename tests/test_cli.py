@@ -170,7 +170,7 @@ def test_serve_with_local_sink(tmp_path):
             ports.append(probe.getsockname()[1])
     config = tmp_path / "q.toml"
     config.write_text(f'[smtp]\nlisten = "127.0.0.1:{ports[0]}"\n[sink]\nlisten = "127.0.0.1:{ports[1]}"\n'
-                      '[scan]\nworkers = 1\n')
+                      '[scan]\nworkers = 1\n[dns]\nenabled = false\n')
     process = subprocess.Popen([sys.executable, "-m", "quishguard", "serve", "--config", str(config),
                                 "--data-dir", str(tmp_path / "data")], cwd=tmp_path,
                                stderr=subprocess.PIPE, text=True)

@@ -28,6 +28,10 @@ def _setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # aiosmtpd logs every SMTP command, with envelope addresses, at INFO on
+    # "mail.log"; keep that for --log-level debug.
+    if level.lower() != "debug":
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

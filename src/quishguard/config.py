@@ -342,6 +342,10 @@ OPTIONS: tuple[Option, ...] = (
            "Networks of the Microsoft 365 connector that hands mail to the hop. Microsoft's "
            "AuthAs, antispam and compauth headers count only from these previous hops.",
            _networks),
+    Option("dns", "enabled", True, "true|false",
+           "Whether `serve` and `milter` look up SPF, DKIM, DMARC and ARC records. false: "
+           "sender checks use only the message headers, and the hop makes no DNS queries.",
+           _boolean),
     Option("dns", "servers", [], "list",
            "DNS resolvers for SPF, DKIM, DMARC and ARC, as IP or IP:PORT ([IPv6]:PORT). Empty: "
            "the system's resolvers (/etc/resolv.conf).", _dns_servers),

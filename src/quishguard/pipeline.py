@@ -105,7 +105,8 @@ class Scanner:
         """Return the scanner a mail hop (`serve`, milter) runs: with DNS checks and, when
         `[org] remember_senders` is on, the sender history in the data folder."""
         seen = SendersSeen(config.data_dir) if config["org.remember_senders"] else None
-        return cls(config, pool, resolver=DnsResolver.from_config(config), senders_seen=seen)
+        resolver = DnsResolver.from_config(config) if config["dns.enabled"] else None
+        return cls(config, pool, resolver=resolver, senders_seen=seen)
 
     async def start(self) -> None:
         if self._own_pool:

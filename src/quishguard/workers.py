@@ -322,9 +322,12 @@ class WorkerPool:
         outcome = _Outcome(MessageFacts(), [], PartialFacts(), "failed", None, "")
         part_deadline: float | None = None
         healthy = False
+        draining = False
+        sent = False
         self._busy.add(worker)
         try:
             await asyncio.to_thread(worker.conn.send, ("scan", raw, limits, first_task))
+            sent = True
             while True:
                 wait_until = deadline if part_deadline is None else min(deadline, part_deadline)
                 try:
@@ -356,13 +359,45 @@ class WorkerPool:
             outcome.reason = f"decoder worker died ({error})"
         except (OSError, EOFError) as error:
             outcome.reason = f"decoder worker unreachable ({type(error).__name__})"
+        except asyncio.CancelledError:
+            # The SMTP client hung up. Killing the worker would cost a process
+            # start, so let it finish the job in the background and reuse it.
+            if sent:
+                draining = True
+                self._drain_later(worker, deadline, limits.image_seconds)
+            raise
         finally:
             self._busy.discard(worker)
             if healthy:
                 self._idle.put_nowait(worker)
-            else:
+            elif not draining:
                 self._replace(worker, "job cut short")
         return outcome
+
+    def _drain_later(self, worker: _Worker, deadline: float, part_seconds: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain(worker, deadline, part_seconds))
+        self._spawning.add(task)
+        task.add_done_callback(self._spawning.discard)
+
+    async def _drain(self, worker: _Worker, deadline: float, part_seconds: float) -> None:
+        """Discard the rest of an abandoned job; return the worker to the pool when it ends
+        within the same message and part limits a live job has."""
+        part_deadline = deadline
+        try:
+            while True:
+                reply = await worker.receive(min(deadline, part_deadline))
+                if reply[0] in ("start", "progress"):
+                    part_deadline = time.monotonic() + part_seconds
+                elif reply[0] == "part":
+                    part_deadline = deadline
+                elif reply[0] == "done":
+                    self._idle.put_nowait(worker)
+                    return
+        except (TimeoutError, WorkerLost, OSError, EOFError):
+            self._replace(worker, "abandoned job overran its time limit")
+        except asyncio.CancelledError:
+            self._discard(worker)
+            raise
 
     async def close(self) -> None:
         """Stop every worker."""
@@ -375,6 +410,10 @@ class WorkerPool:
 
     def pids(self) -> list[int]:
         return [w.pid for w in self._all if w.pid is not None]
+
+    def idle_pids(self) -> list[int]:
+        """Return the PIDs of started workers waiting for a job."""
+        return [w.pid for w in list(self._idle._queue) if w.pid is not None]  # type: ignore[attr-defined]
 
     def busy_pids(self) -> list[int]:
         """Return the PIDs of workers running a job now."""

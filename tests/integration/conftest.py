@@ -132,7 +132,9 @@ class ServeProcess:
         self.config_file = folder / "quishguard.toml"
         self.config_file.write_text(
             f'[smtp]\nlisten = "127.0.0.1:{listen_port}"\nrelay = "127.0.0.1:{relay_port}"\n'
-            f'[quarantine]\ndata_dir = "{folder / "data"}"\n{config_text}')
+            f'[quarantine]\ndata_dir = "{folder / "data"}"\n'
+            # Tests reach only loopback, so the hop must not ask the system's resolvers.
+            f'[dns]\nenabled = false\n{config_text}')
         self.log_file = folder / "serve.log"
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -338,3 +338,41 @@ def _noise_png(size: int) -> bytes:
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
+
+
+async def test_client_hangup_keeps_worker(start_hop, next_hop, pool):
+    hop = await start_hop(thresholds={"tag": 100.0, "quarantine": 100.0})
+    slow = make_message(text="see attachment", attachments=[("blank.pdf", "application/pdf", _blank_pdf(4))])
+    restarts = pool.restarts
+    client = await RawClient.connect(hop.port)
+    await client.command("EHLO client.test")
+    await client.command("MAIL FROM:<alice@example.net>")
+    await client.command("RCPT TO:<bob@example.com>")
+    await client.command("DATA")
+
+    client.writer.write(slow.replace(b"\n.", b"\n..") + b"\r\n.\r\n")
+    await client.writer.drain()
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if pool.busy_pids():
+            break
+    client.writer.transport.abort()
+    for _ in range(400):
+        await asyncio.sleep(0.05)
+        if len(pool.idle_pids()) == pool.size:
+            break
+    _, reply = await send(hop.port, make_message(subject="After hang-up"))
+
+    assert pool.restarts == restarts
+    assert reply[0] == 250
+    assert [headers_of(m.data)["Subject"] for m in next_hop.messages] == ["After hang-up"]
+
+
+def _blank_pdf(pages: int) -> bytes:
+    """A PDF of empty A4 pages: each page is rendered and searched, which takes a while."""
+    import pymupdf
+
+    document = pymupdf.open()
+    for _ in range(pages):
+        document.new_page(width=595, height=842)
+    return document.tobytes()
