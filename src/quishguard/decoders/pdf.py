@@ -29,7 +29,7 @@ from PIL import Image
 from . import report_progress
 from ..model import DecodeTask, Link, PartialFacts, PdfFacts, QrCode, ScanLimits, ScanProblem
 from .html import count_visible_chars
-from .qr import decode_qr
+from .qr import RENDER_BACKENDS, decode_qr
 from .urls import find_urls
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def _render_page(page: pymupdf.Page, location: str, limits: ScanLimits, facts: P
     pixmap = page.get_pixmap(dpi=dpi, colorspace=pymupdf.csGRAY, alpha=False)
     image = Image.frombytes("L", (pixmap.width, pixmap.height), pixmap.samples)
     # Half the per-image limit, so the cascade stops itself before the pool kills the worker.
-    result = decode_qr(image, time.monotonic() + limits.image_seconds / 2)
+    result = decode_qr(image, time.monotonic() + limits.image_seconds / 2, backends=RENDER_BACKENDS)
     if result.errors and not result.payloads:
         facts.problems.append(ScanProblem(location, "incomplete", "QR backends failed: " + ", ".join(result.errors)))
 
