@@ -127,7 +127,7 @@ class WorkerLost(Exception):
 
 @dataclass
 class JobResult:
-    """What a job returned before it finished or was cut short."""
+    """The facts of one job, with the parts it could not inspect when it was cut short."""
 
     facts: MessageFacts
     complete: bool
@@ -136,7 +136,7 @@ class JobResult:
 
 @dataclass
 class _Outcome:
-    """How one run of a job on one worker ended: "done", "part_timeout" or "failed"."""
+    """The end of one run of a job on one worker; `kind` is "done", "part_timeout" or "failed"."""
 
     facts: MessageFacts
     locations: list[str]

@@ -36,12 +36,13 @@ from pyzbar import pyzbar
 
 log = logging.getLogger(__name__)
 
-# The WeChat detector's cost grows with the pixel count, so it gets a copy at
-# most this wide or high. The recall figures above were measured that way.
-# NOTE: on per-pixel noise without a code it still takes 13 to 21 s at this
-# size (2-CPU VM, docs/qr-benchmark.md); only the worker pool's per-part
-# kill (`ScanLimits.image_seconds`) bounds it.
-SHRUNK_MAX_SIDE = 1600
+# The WeChat detector's cost grows faster than the pixel count, so it gets a
+# copy at most this wide or high. On a 3000x2000 photo without a code it took
+# 13.5 s at 1600 px, 2.6 s at 1200 px and 0.8 s at 1000 px (2-CPU VM,
+# opencv-contrib 5.1), and the adversarial benchmark kept 100 % recall at
+# 1000 px (docs/qr-benchmark.md). The worker pool's per-part kill
+# (`ScanLimits.image_seconds`) still bounds a slower image.
+SHRUNK_MAX_SIDE = 1000
 
 _QR_FORMATS = (
     zxingcpp.BarcodeFormat.QRCode,
