@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import logging
 import signal
 import sys
@@ -43,8 +44,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quishguard", description=__doc__.splitlines()[0]
-                                     if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="quishguard",
+        description="Inline mail filter: decodes QR codes in images and PDFs, reads HTML, checks the "
+                    "sender, and relays, tags, quarantines or rejects each message.")
     parser.add_argument("--version", action="version", version=f"quishguard {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine.add_argument("--relay", metavar="HOST:PORT", help="next hop for release (overrides smtp.relay)")
     actions = quarantine.add_subparsers(dest="quarantine_command", required=True)
     listing = actions.add_parser("list", help="one line per held message")
-    listing.add_argument("--all", action="store_true", help="include released messages")
+    listing.add_argument("--all", action="store_true", help="include released and deleted messages")
     for name, text in (("show", "print the verdict and findings"),
                        ("release", "relay the message to the next hop and mark it released"),
                        ("delete", "delete the message")):
@@ -161,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quishguard: {error}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        # The reader of stdout went away (`quishguard rules | head`); point
+        # stdout at /dev/null so the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
     return EXIT_FAILURE
 
@@ -316,7 +324,7 @@ def scan_record(path: Path, result) -> dict:
     verdict = result.verdict
     return {
         "path": str(path),
-        "score": round(verdict.score, 1),
+        "score": float(round(verdict.score, 1)),
         "action": verdict.action.label,
         "findings": [{"rule": f.rule, "score": f.score, "detail": f.detail} for f in verdict.findings],
         "qr": [{"payload": q.payload, "location": q.location, "hidden_as": q.hidden_as}
@@ -331,6 +339,8 @@ async def _scan(config: Config, paths: list[Path], output_format: str, dns: bool
     from .pipeline import scan_files, scan_paths
 
     files, errors = scan_paths(paths)
+    if not files and not errors:
+        print("quishguard: no .eml files found in " + ", ".join(str(p) for p in paths), file=sys.stderr)
     for path, reason in errors:
         print(f"quishguard: cannot scan {path}: {reason}", file=sys.stderr)
 
@@ -393,7 +403,7 @@ def _quarantine(config: Config, args: argparse.Namespace) -> int:
                   f"envelope:   <{printable(item.mail_from)}> -> "
                   f"{', '.join('<' + printable(r) + '>' for r in item.rcpt_tos)}\nfindings:")
             for finding in item.findings:
-                print(f"  {finding.rule}={finding.score:.1f}  {printable(finding.detail)}")
+                print(f"  {finding.rule}={finding.score:.1f}  {printable(defang(finding.detail))}")
             for code in item.qr_codes:
                 print(f"  qr: {printable(defang(code.payload))}  at {printable(code.location)}")
             return EXIT_OK

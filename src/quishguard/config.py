@@ -344,7 +344,8 @@ OPTIONS: tuple[Option, ...] = (
            _networks),
     Option("dns", "enabled", True, "true|false",
            "Whether `serve` and `milter` look up SPF, DKIM, DMARC and ARC records. false: "
-           "sender checks use only the message headers, and the hop makes no DNS queries.",
+           "sender checks use only the message headers, the hop makes no DNS queries and "
+           "adds no Authentication-Results header of its own.",
            _boolean),
     Option("dns", "servers", [], "list",
            "DNS resolvers for SPF, DKIM, DMARC and ARC, as IP or IP:PORT ([IPv6]:PORT). Empty: "
@@ -503,12 +504,23 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     return build_config(data, str(path), known_rules=known)
 
 
+def _toml_value(value: Any) -> str:
+    """Format a default as it is written in TOML (true, not True)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
 def reference_markdown() -> str:
     """Return the configuration reference as a Markdown table."""
     lines = ["| key | default | unit | meaning |", "| --- | --- | --- | --- |"]
     for option in OPTIONS:
-        default = "(absent)" if option.default is None else repr(option.default)
-        default = default.replace("'", '"').replace("|", "\\|")
+        default = "(absent)" if option.default is None else _toml_value(option.default)
+        default = default.replace("|", "\\|")
         lines.append(f"| `{option.name}` | `{default}` | {option.unit.replace('|', ' or ')} | {option.help} |")
     lines.append("| `rules.NAME.score` | the rule's default | score | "
                  "Weight of rule NAME; 0 disables it. `quishguard rules` lists the rules. |")
