@@ -1,9 +1,9 @@
 """Verdict headers and the header edits made to a relayed message.
 
-The message is edited as bytes so the body is relayed exactly as received:
-the header block is split at the first empty line, header fields with our
-prefix are removed (so a sender cannot forge a verdict), the Subject gets the
-tag prefix for the tag action, and our headers are prepended. Values follow
+The message is edited as bytes, so the body is relayed exactly as received.
+The header block is split at the first empty line and header fields with our
+prefix are removed, so a sender cannot forge a verdict. For the tag action
+the Subject gets the tag prefix. Then our headers are prepended. Values follow
 RFC 5322 (lines folded under 78 characters) and RFC 2047 (non-ASCII text as
 encoded-words); CR, LF and other control characters are removed first.
 

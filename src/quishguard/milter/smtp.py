@@ -1,6 +1,6 @@
 """The SMTP proxy front end, built on aiosmtpd (>= 1.4.6).
 
-This is the only module that holds aiosmtpd's `handle_<VERB>` hooks. It turns
+This is the only module that contains aiosmtpd's `handle_<VERB>` hooks. It turns
 an SMTP session into the project's `Envelope`, runs the pipeline and carries
 out the verdict: relay (accept, tag), store (quarantine), or reply 550
 (reject) or 451 (tempfail). Replies are the named constants below; a client
