@@ -116,6 +116,8 @@ def test_quarantine_list_and_show(tmp_path, capsys):
 
 
 def test_quarantine_unknown_id_exit_2(tmp_path, capsys):
+    _store_one(tmp_path / "data")
+
     code = main(["quarantine", "--data-dir", str(tmp_path / "data"), "show", "0" * 28])
 
     assert code == 2
@@ -188,3 +190,11 @@ def test_serve_with_local_sink(tmp_path):
     assert len(stored) == 1
     assert b"X-Quishguard-Action: accept" in stored[0].read_bytes()
     assert process.returncode == 0
+
+
+def test_quarantine_missing_store_exit_2(tmp_path, capsys):
+    code = main(["quarantine", "--data-dir", str(tmp_path / "elsewhere"), "list"])
+
+    assert code == 2
+    assert "no quarantine found" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()

@@ -384,6 +384,13 @@ def _quarantine(config: Config, args: argparse.Namespace) -> int:
     from .quarantine import QuarantineStore, sanitize_for_terminal as printable
     from .stamp import defang
 
+    # data_dir is relative to the working directory by default; opening the
+    # store would create an empty quarantine where the admin expected theirs.
+    index = config.data_dir / "quarantine" / "index.sqlite3"
+    if not index.exists():
+        print(f"quishguard: no quarantine found in {config.data_dir.resolve()}; pass --data-dir or "
+              "--config with the quarantine.data_dir that `serve` uses", file=sys.stderr)
+        return EXIT_INPUT
     store = QuarantineStore(config.data_dir)
     command = args.quarantine_command
     try:
