@@ -49,6 +49,8 @@ def test_file_overrides_defaults(tmp_path):
     ({"rules": {"NO_SUCH_RULE": {"score": 1}}}, ["NO_SUCH_RULE", "known rules"]),
     ({"rules": {"QR_URL": {"score": "high"}}}, ["rules.QR_URL.score", "'high'"]),
     ({"thresholds": {"tag": 9, "quarantine": 8}}, ["thresholds.quarantine", "thresholds.tag"]),
+    ({"web": {"listen": "127.0.0.1:8025", "token": "short"}}, ["web.token", "16 characters"]),
+    ({"milter": {"quarantine_mode": "store"}}, ["milter.release_relay"]),
 ])
 def test_invalid_value_names_key(data, words):
     with pytest.raises(ConfigError) as raised:

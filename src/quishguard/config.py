@@ -480,6 +480,15 @@ def build_config(data: dict[str, Any], source: str = "defaults",
     if values["thresholds.quarantine"] < values["thresholds.tag"]:
         raise ConfigError(f"thresholds.quarantine ({values['thresholds.quarantine']}) must not be "
                           f"below thresholds.tag ({values['thresholds.tag']})")
+    # Checks that span two keys, so `quishguard config` finds what would stop
+    # `serve` or `milter` at start-up.
+    if values["web.listen"] and len(values["web.token"]) < 16:
+        raise ConfigError(f"web.token must be at least 16 characters when web.listen is set, got "
+                          f"{len(values['web.token'])} in {source}; generate one with "
+                          "`python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`")
+    if values["milter.quarantine_mode"] == "store" and not values["milter.release_relay"]:
+        raise ConfigError(f'milter.quarantine_mode = "store" needs milter.release_relay in {source}: the '
+                          "next hop that released mail goes to without passing the milter again")
     reject = values["thresholds.reject"]
     if reject is not None and reject < values["thresholds.quarantine"]:
         raise ConfigError(f"thresholds.reject ({reject}) must not be below "
