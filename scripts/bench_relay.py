@@ -42,7 +42,6 @@ import email.policy
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import signal
@@ -53,6 +52,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from run_facts import code_version, machine_facts
 
 try:
     import aiosmtplib
@@ -542,36 +543,6 @@ def first_failures(outcomes: list[Outcome]) -> dict[str, str]:
         if not outcome.delivered:
             failures.setdefault(outcome.name, outcome.reply)
     return failures
-
-
-def code_version() -> str | None:
-    """Return `git describe --always --dirty` of the repository, or None outside a git checkout."""
-    try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT,
-                                   capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return described.stdout.strip() or None
-
-
-def machine_facts() -> dict[str, object]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        # Other work on the machine slows both hops; a high value makes the run suspect.
-        "load_average_1min": round(os.getloadavg()[0], 2),
-    }
 
 
 # Messages.

@@ -36,7 +36,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -45,6 +44,8 @@ import time
 import urllib.parse
 from collections import Counter
 from pathlib import Path
+
+from run_facts import code_version, machine_facts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = REPO_ROOT.parent / "shared" / "corpus"
@@ -302,35 +303,6 @@ def build_figures(labels: dict[str, Label], run: ScanRun, corpus: Path, config: 
         "featured_misses": [{"file": label.file, "score": v.score, "action": v.action,
                              "features": list(label.features), "rules": v.rules}
                             for label, v in featured if v.action not in TAG_OR_WORSE],
-    }
-
-
-def code_version() -> str | None:
-    """Return `git describe --always --dirty` of the repository, or None outside a git checkout."""
-    try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT,
-                                   capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return described.stdout.strip() or None
-
-
-def machine_facts() -> dict[str, object]:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        # Other work on the machine lengthens the scan; a high value makes the timing suspect.
-        "load_average_1min": round(os.getloadavg()[0], 2),
     }
 
 

@@ -15,7 +15,6 @@ base units (seconds), and `_total` on counters.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Callable, Iterator
 
@@ -28,6 +27,7 @@ from prometheus_client.registry import Collector
 from .config import Config, parse_host_port
 from .events import VerdictEvent, add_listener, remove_listener
 from .model import Action
+from .web import serve_runner
 
 log = logging.getLogger(__name__)
 
@@ -139,20 +139,6 @@ async def start_metrics(config: Config, *, held_count: Callable[[], int] | None 
     await runner.setup()
 
     host, port = listen or parse_host_port(config["metrics.listen"])
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = runner.addresses[0]
-    if not _is_loopback(host):
-        log.warning("event=metrics_not_loopback address=%s:%d reason=%s", host, port,
-                    "no TLS and no login; bind to loopback unless a firewall or a "
-                    "container network limits who can connect")
+    bound = await serve_runner(runner, host, port, name="metrics", exposure="no TLS and no login")
     add_listener(metrics)
-    log.info("event=metrics_listening address=%s:%d", bound[0], bound[1])
-    return MetricsServer(metrics, runner, (bound[0], bound[1]))
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+    return MetricsServer(metrics, runner, bound)

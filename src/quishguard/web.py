@@ -395,15 +395,26 @@ async def start_web(config: Config, store: QuarantineStore,
     await runner.setup()
 
     host, port = listen or parse_host_port(config["web.listen"])
+    bound = await serve_runner(runner, host, port, name="web", exposure="no TLS and a token login")
+    return WebServer(runner, bound)
+
+
+async def serve_runner(runner: web.AppRunner, host: str, port: int, *, name: str,
+                       exposure: str) -> tuple[str, int]:
+    """Listen on `host:port` with a set-up aiohttp runner and return the bound address.
+
+    A host outside loopback is logged as a warning that names `exposure`,
+    because these pages have no TLS.
+    """
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0]
     if not _is_loopback(host):
-        log.warning("event=web_not_loopback address=%s:%d reason=%s", host, port,
-                    "no TLS and a token login; bind to loopback unless a firewall or a "
-                    "container network limits who can connect")
-    log.info("event=web_listening address=%s:%d", bound[0], bound[1])
-    return WebServer(runner, (bound[0], bound[1]))
+        log.warning("event=%s_not_loopback address=%s:%d reason=%s", name, host, port,
+                    f"{exposure}; bind to loopback unless a firewall or a container network "
+                    "limits who can connect")
+    log.info("event=%s_listening address=%s:%d", name, bound[0], bound[1])
+    return bound[0], bound[1]
 
 
 def _is_loopback(host: str) -> bool:

@@ -203,7 +203,8 @@ class WorkerPool:
         self._all: set[_Worker] = set()
         self._busy: set[_Worker] = set()
         self._closed = False
-        self._spawning: set[asyncio.Task] = set()
+        # Worker starts and drains of abandoned jobs, cancelled by close().
+        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         """Start every worker and wait until each has imported its decoders."""
@@ -238,8 +239,8 @@ class WorkerPool:
         if self._closed:
             return
         task = asyncio.get_running_loop().create_task(self._respawn())
-        self._spawning.add(task)
-        task.add_done_callback(self._spawning.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _respawn(self) -> None:
         # A worker that cannot start is retried after a pause so a broken
@@ -376,8 +377,8 @@ class WorkerPool:
 
     def _drain_later(self, worker: _Worker, deadline: float, part_seconds: float) -> None:
         task = asyncio.get_running_loop().create_task(self._drain(worker, deadline, part_seconds))
-        self._spawning.add(task)
-        task.add_done_callback(self._spawning.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _drain(self, worker: _Worker, deadline: float, part_seconds: float) -> None:
         """Discard the rest of an abandoned job; return the worker to the pool when it ends
@@ -402,7 +403,7 @@ class WorkerPool:
     async def close(self) -> None:
         """Stop every worker."""
         self._closed = True
-        for task in list(self._spawning):
+        for task in list(self._background):
             task.cancel()
         for worker in list(self._all):
             self._discard(worker)

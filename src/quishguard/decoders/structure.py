@@ -31,7 +31,7 @@ import logging
 import re
 from dataclasses import dataclass, field, replace
 
-from ..model import DecodeTask, HtmlFacts, Link, MessageFacts, PartInfo, QrCode, ScanLimits, ScanProblem
+from ..model import DecodeTask, Link, MessageFacts, PartInfo, QrCode, ScanLimits, ScanProblem
 from .boundaries import ScannedPart, compare_parts, scan_message
 from .generators import generator_payload
 from .grids import find_text_grids, pack_split

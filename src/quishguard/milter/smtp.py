@@ -42,7 +42,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session, syntax
 
 from .. import events
-from ..config import Config, parse_host_port
+from ..config import Config
 from ..errors import ConfigError, QuarantineError, RelayError
 from ..model import Action, Envelope
 from ..pipeline import Scanner
