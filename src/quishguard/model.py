@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 
 class Action(enum.IntEnum):
-    """What the hop does with a message, ordered from mildest to strongest."""
+    """The action the hop takes on a message, ordered from mildest to strongest."""
 
     ACCEPT = 0
     TAG = 1
@@ -142,7 +142,7 @@ class Link:
 
 @dataclass(frozen=True)
 class HtmlFacts:
-    """What the HTML analyser saw in one HTML part or HTML attachment."""
+    """Findings of the HTML analyser in one HTML part or HTML attachment."""
 
     location: str
     is_attachment: bool
@@ -159,7 +159,7 @@ class HtmlFacts:
 
 @dataclass(frozen=True)
 class PdfFacts:
-    """What the PDF analyser saw in one PDF part."""
+    """Findings of the PDF analyser in one PDF part."""
 
     location: str
     filename: str | None
@@ -255,8 +255,9 @@ class MicrosoftFacts:
 
 @dataclass(frozen=True)
 class SenderFacts:
-    """Who sent the message: headers and envelope, plus DNS results when the hop looked them up.
+    """Evidence about the sender, from the headers and the envelope.
 
+    DNS results are added when the hop made lookups.
     `auth` is None when no DNS lookups were made (`scan` without `--dns`).
     `first_seen` is None when no sender history is kept (`scan`).
     """
@@ -305,7 +306,7 @@ class MessageFacts:
 
 @dataclass
 class PartialFacts:
-    """What one decoder task (an image, a PDF, an HTML part) returns."""
+    """The result of one decoder task (an image, a PDF, an HTML part)."""
 
     qr_codes: list[QrCode] = field(default_factory=list)
     links: list[Link] = field(default_factory=list)

@@ -406,7 +406,9 @@ def _boundary(scan: _Scan, params: list[tuple[str, str]], where: str) -> str | N
         scan.anomalies.append(MimeAnomaly(
             where, "duplicate-boundary", _cut(f"{len(candidates)} different boundary parameters: {shown}")))
 
-    chosen = continued if continued is not None else (plain[-1] if plain else None)
+    chosen = continued
+    if chosen is None and plain:
+        chosen = plain[-1]
     # RFC 2046, section 5.1.1: a boundary never ends with a space.
     return chosen.rstrip() if chosen else None
 

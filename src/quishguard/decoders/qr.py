@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 # The WeChat detector's cost grows faster than the pixel count, so it gets a
 # copy at most this wide or high. On a 3000x2000 photo without a code it took
 # 13.5 s at 1600 px, 2.6 s at 1200 px and 0.8 s at 1000 px (2-CPU VM,
-# opencv-contrib 5.1), and the adversarial benchmark kept 100 % recall at
-# 1000 px (docs/qr-benchmark.md). The worker pool's per-part kill
+# opencv-contrib 5.1). The adversarial benchmark kept 100 % recall at 1000 px
+# (docs/qr-benchmark.md). The worker pool's per-part kill
 # (`ScanLimits.image_seconds`) still bounds a slower image.
 SHRUNK_MAX_SIDE = 1000
 
@@ -67,10 +67,10 @@ class QrResult:
 
 
 # Backends for PDF page renders. A render of vector content is crisp, so the
-# fast readers suffice; `wechat` is left out because it costs about 0.35 s on
-# an empty A4 page at 150 dpi (measured with pymupdf 1.28, opencv-contrib
-# 5.1, one core), most of the cost of a page, and raster images in a PDF are
-# decoded separately with the full cascade.
+# fast readers suffice. `wechat` is left out because it cost about 0.35 s of
+# the 0.45 s an empty A4 page took at 150 dpi (pymupdf 1.28, opencv-contrib
+# 5.1, one core). Raster images in a PDF are decoded separately with the
+# full cascade.
 RENDER_BACKENDS = ("zxing", "zxing-stretched", "pyzbar", "opencv")
 
 
